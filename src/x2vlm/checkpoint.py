@@ -1,0 +1,405 @@
+"""Checkpoints: the released (official) layouts, our directory format, strict loading.
+
+Official ``.th``/``.pth`` files hold ``{'model': state_dict, 'config': yaml}`` or a bare state dict
+whose layout depends on the official class (see ``../shared/parity`` key listings). Loading maps
+every key explicitly: it is renamed (``official_to_native``), adapted (relative-position tables
+resized, frame positions copied), or ignored by a named rule (regenerated buffers, tied aliases).
+Whatever is left must match the model exactly, or one error lists every missing, unexpected and
+mis-shaped key.
+
+Our format is a directory: ``config.json`` + ``model.safetensors`` (native names) + tokenizer files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from x2vlm.config import X2VLMConfig
+from x2vlm.models.beit import relative_position_index, resize_relative_position_bias_table
+from x2vlm.models.x2vlm import X2VLM
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model; the message lists every offending key."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mis_shaped: list[str]):
+        self.missing, self.unexpected, self.mis_shaped = missing, unexpected, mis_shaped
+        lines = [f"checkpoint {source} does not match the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines.extend(f"    {k}" for k in keys)
+        super().__init__("\n".join(lines))
+
+
+# -- reading files ---------------------------------------------------------------------------------
+def read_state_dict(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors``, ``.th``, ``.pth``, ``.bin`` or ``.tar`` file (bare or under ``model``).
+
+    Torch files are opened with ``weights_only=True``. Some official files also pickle their YAML
+    config objects, which that refuses; they are then read with full unpickling only when
+    ``allow_unsafe_pickle`` is set, because unpickling runs code from the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return dict(load_file(str(path)))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not allow_unsafe_pickle:
+            raise ValueError(
+                f"{path}: the file contains Python objects besides tensors, which safe loading refuses "
+                f"({str(err).splitlines()[0]}). If you trust its origin, pass allow_unsafe_pickle=True "
+                "(CLI: --allow-unsafe-pickle): unpickling can execute code stored in the file."
+            ) from err
+        log.warning("%s: loading with full unpickling (allow_unsafe_pickle) — only do this for files you trust", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (or a dict with key 'model'), got {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = sorted(k for k in obj if k not in tensors)
+    if others:
+        raise ValueError(f"{path}: state dict entries that are not tensors: {others[:10]}")
+    return tensors
+
+
+# -- official layout -> native ---------------------------------------------------------------------
+# Renames, most specific first. The tied decoder aliases are handled by IGNORED_TIED below.
+_RENAMES: list[tuple[str, str]] = [
+    ("text_encoder.bert.", "text_encoder."),
+    ("text_encoder.roberta.", "text_encoder."),
+    ("text_encoder.cls.predictions.transform.", "mlm_head.transform."),
+    ("text_encoder.cls.predictions.bias", "mlm_head.bias"),
+    ("text_decoder.bert.", "answer_decoder."),
+    ("text_decoder.cls.predictions.transform.", "answer_head.transform."),
+    ("text_decoder.cls.predictions.bias", "answer_head.bias"),
+    ("mlm_head.predictions.transform.", "mlm_head.transform."),
+    ("mlm_head.predictions.bias", "mlm_head.bias"),
+]
+
+# Keys that are copies of another tensor (weight tying); value = the key it must equal.
+_TIED: dict[str, str] = {
+    "text_encoder.cls.predictions.decoder.weight": "text_encoder.embeddings.word_embeddings.weight",
+    "text_encoder.cls.predictions.decoder.bias": "mlm_head.bias",
+    "text_decoder.cls.predictions.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.bias": "answer_head.bias",
+}
+
+# Buffers the model regenerates for its own shape; loading ignores them by rule.
+_REGENERATED = (
+    re.compile(r".*\.relative_position_index$"),
+    re.compile(r".*embeddings\.position_ids$"),
+    re.compile(r".*embeddings\.token_type_ids$"),
+    re.compile(r"^crit_mask_lm_smoothed\.one_hot$"),  # label-smoothing constant of the captioning loss
+)
+
+
+def official_to_native(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename an official state dict to native names. Returns (native dict, ignored keys with reasons).
+
+    Tied aliases must equal their partner (checked after renaming); regenerated buffers are dropped.
+    """
+    native: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    tied: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if any(p.match(key) for p in _REGENERATED):
+            ignored.append(f"{key} (regenerated buffer)")
+            continue
+        if key in _TIED:
+            tied[key] = value
+            continue
+        new = key
+        for old_prefix, new_prefix in _RENAMES:
+            if key.startswith(old_prefix):
+                new = new_prefix + key[len(old_prefix):]
+                break
+        if new in native:
+            raise ValueError(f"checkpoint has two keys for {new!r} (one of them is {key!r})")
+        native[new] = value
+    for key, value in tied.items():
+        partner = _TIED[key]
+        if partner in native and not torch.equal(native[partner], value):
+            raise ValueError(f"checkpoint key {key!r} should be tied to {partner!r} but holds different values")
+        if partner not in native:
+            # Only the alias was stored; use it as the real tensor.
+            native[partner] = value
+        ignored.append(f"{key} (tied to {partner})")
+    return native, ignored
+
+
+def native_to_official(model: X2VLM) -> dict[str, torch.Tensor]:
+    """The model's weights in the official layout of its task's class (buffers and tied aliases included)."""
+    cfg = model.cfg
+    has_mlm = "mlm" in cfg.heads
+    text_prefix = "text_encoder.bert." if has_mlm else "text_encoder."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("text_encoder."):
+            out[text_prefix + key[len("text_encoder."):]] = value
+        elif key.startswith("mlm_head."):
+            out["text_encoder.cls.predictions." + key[len("mlm_head."):]] = value
+        elif key.startswith("answer_decoder."):
+            out["text_decoder.bert." + key[len("answer_decoder."):]] = value
+        elif key.startswith("answer_head."):
+            out["text_decoder.cls.predictions." + key[len("answer_head."):]] = value
+        else:
+            out[key] = value
+    for i, block in enumerate(model.vision_encoder.blocks):
+        out[f"vision_encoder.blocks.{i}.attn.relative_position_index"] = block.attn.relative_position_index.clone()
+    max_pos = cfg.text.max_position_embeddings
+    out[text_prefix + "embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
+    if has_mlm:
+        out["text_encoder.cls.predictions.decoder.weight"] = out[text_prefix + "embeddings.word_embeddings.weight"]
+        out["text_encoder.cls.predictions.decoder.bias"] = out["text_encoder.cls.predictions.bias"]
+    if "answer_decoder" in cfg.heads:
+        out["text_decoder.bert.embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
+        out["text_decoder.cls.predictions.decoder.weight"] = out["text_decoder.bert.embeddings.word_embeddings.weight"]
+        out["text_decoder.cls.predictions.decoder.bias"] = out["text_decoder.cls.predictions.bias"]
+    if cfg.task == "captioning":
+        out["crit_mask_lm_smoothed.one_hot"] = _smoothed_one_hot(cfg)
+    return out
+
+
+def _smoothed_one_hot(cfg: X2VLMConfig) -> torch.Tensor:
+    """The official captioning criterion's buffer: ε/(V-2) everywhere, 0 at the ignore id ([CLS])."""
+    vocab = cfg.text.vocab_size
+    one_hot = torch.full((1, vocab), cfg.label_smoothing / (vocab - 2))
+    one_hot[0, cfg.text.cls_token_id] = 0.0
+    return one_hot
+
+
+# -- pre-training checkpoint -> a task model ---------------------------------------------------------
+def pretrain_to_task(native: dict[str, torch.Tensor], cfg: X2VLMConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The official pre-train -> fine-tune mapping for ``cfg.task``, as explicit rules.
+
+    Heads the task's class lacks are dropped (listed in the returned notes); for VQA the answer
+    decoder is filled from the fusion layers (decoder layer d <- fusion layer ``fusion_start + d``,
+    or only the odd fusion layers when the decoder has half as many), its embeddings from the text
+    embeddings and its head from the MLM head.
+    """
+    heads = set(cfg.heads)
+    head_prefixes = {
+        "itc": ("temp", "vision_proj.", "text_proj."),
+        "itm": ("itm_head.",),
+        "bbox": ("bbox_head.",),
+        "mlm": ("mlm_head.",),
+    }
+    out = dict(native)
+    notes: list[str] = []
+    if "answer_decoder" in heads and not any(k.startswith("answer_decoder.") for k in native):
+        out.update(_answer_decoder_from_fusion(native, cfg))
+        notes.append("answer_decoder filled from the fusion layers, text embeddings and MLM head")
+    for head, prefixes in head_prefixes.items():
+        if head in heads:
+            continue
+        dropped = [k for k in out if k.startswith(prefixes)]
+        for k in dropped:
+            del out[k]
+        if dropped:
+            notes.append(f"dropped {len(dropped)} '{head}' head weights the '{cfg.task}' model does not have")
+    return out, notes
+
+
+def _answer_decoder_from_fusion(native: dict[str, torch.Tensor], cfg: X2VLMConfig) -> dict[str, torch.Tensor]:
+    fusion_start = cfg.text.fusion_start
+    num_fusion = cfg.text.num_layers - fusion_start
+    if cfg.num_dec_layers == num_fusion:
+        source = {d: fusion_start + d for d in range(cfg.num_dec_layers)}
+    elif 2 * cfg.num_dec_layers == num_fusion:
+        source = {d: fusion_start + 2 * d + 1 for d in range(cfg.num_dec_layers)}
+    else:
+        raise ValueError(f"cannot initialise {cfg.num_dec_layers} decoder layers from {num_fusion} fusion layers")
+    if cfg.vision.width != cfg.text.hidden_size:
+        raise ValueError("answer decoder initialisation needs vision width == text width (cross-attention K/V reuse)")
+    out: dict[str, torch.Tensor] = {}
+    for d, layer in source.items():
+        prefix = f"text_encoder.encoder.layer.{layer}."
+        for key, value in native.items():
+            if key.startswith(prefix):
+                out[f"answer_decoder.encoder.layer.{d}." + key[len(prefix):]] = value.clone()
+    for key, value in native.items():
+        if key.startswith("text_encoder.embeddings."):
+            out["answer_decoder." + key[len("text_encoder."):]] = value.clone()
+        elif key.startswith("mlm_head."):
+            out["answer_head." + key[len("mlm_head."):]] = value.clone()
+    return out
+
+
+# -- adaptation to the model's resolution and frame count -------------------------------------------
+def adapt_to_model(native: dict[str, torch.Tensor], model: X2VLM) -> list[str]:
+    """Resize relative-position tables and frame positions in place to the model's shapes."""
+    notes = []
+    own = model.state_dict()
+    for key in list(native):
+        if key.endswith("relative_position_bias_table") and key in own and native[key].shape != own[key].shape:
+            src = native[key].shape[0]
+            native[key] = resize_relative_position_bias_table(native[key], model.vision_encoder.grid)
+            notes.append(f"{key}: resized {src} -> {native[key].shape[0]} rows")
+    key = "absolute_frame_pos_embed"
+    if key in native and key in own and native[key].shape != own[key].shape:
+        src = native[key]
+        if src.shape[0] != 1 or src.shape[2:] != own[key].shape[2:]:
+            raise CheckpointMismatchError("(frame positions)", [], [], [f"{key}: {tuple(src.shape)} vs {tuple(own[key].shape)}"])
+        dst = own[key].clone()
+        n = min(src.shape[1], dst.shape[1])
+        dst[:, :n] = src[:, :n]
+        native[key] = dst
+        notes.append(f"{key}: copied {n} of {src.shape[1]} frame positions into {dst.shape[1]}")
+    return notes
+
+
+def check_and_load(model: X2VLM, native: Mapping[str, torch.Tensor], source: str, allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Strict load: every key must exist with the same shape. ``allow_missing`` prefixes name new heads
+    that keep their fresh initialisation; those keys are returned (the 'new parameters')."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in native)
+    new_params = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
+    missing = [k for k in missing if k not in new_params]
+    unexpected = sorted(k for k in native if k not in own)
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(native[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in native
+        if k in own and native[k].shape != own[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
+    model.load_state_dict({**{k: own[k] for k in new_params}, **native}, strict=True)
+    return new_params
+
+
+def load_official(
+    model: X2VLM, path_or_state: str | Path | Mapping[str, torch.Tensor], from_pretraining: bool | None = None, allow_unsafe_pickle: bool = False
+) -> list[str]:
+    """Load an official checkpoint into ``model`` strictly; returns the names of newly initialised parameters.
+
+    ``from_pretraining``: the file is a pre-training checkpoint being turned into a task model (the
+    official ``load_pretrained(is_eval=False)``): heads the task lacks are dropped, the VQA decoder
+    is built from the fusion layers, and task heads absent from pre-training (``cls_head``) start
+    fresh. By default this is decided from the keys (a pre-training file has ``text_encoder.cls``
+    and ``itm_head``) and the model's task.
+    """
+    if isinstance(path_or_state, (str, Path)):
+        source, state = str(path_or_state), read_state_dict(path_or_state, allow_unsafe_pickle)
+    else:
+        source, state = "(state dict)", dict(path_or_state)
+    native, ignored = official_to_native(state)
+    for note in ignored:
+        log.debug("ignored %s", note)
+    if from_pretraining is None:
+        from_pretraining = model.cfg.task != "pretrain" and "itm_head.0.weight" in native and "mlm_head.bias" in native
+    allow_missing: tuple[str, ...] = ()
+    if from_pretraining:
+        native, notes = pretrain_to_task(native, model.cfg)
+        for note in notes:
+            log.info("%s", note)
+        allow_missing = ("cls_head.",)
+        if model.cfg.add_frame_pos:
+            allow_missing += ("absolute_frame_pos_embed",)
+    for note in adapt_to_model(native, model):
+        log.info("%s", note)
+    return check_and_load(model, native, source, allow_missing)
+
+
+# -- our directory format ------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: X2VLM, directory: str | Path, tokenizer_files: Mapping[str, str | Path] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (atomically), plus tokenizer files if given."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "x2vlm_task": model.cfg.task}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: model.cfg.save(tmp))
+    for name, src in (tokenizer_files or {}).items():
+        data = Path(src).read_bytes()
+        _atomic_write(directory / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    return directory
+
+
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> X2VLM:
+    """Build the model from ``config.json`` and load ``model.safetensors`` strictly."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (not an x2vlm model directory)")
+    cfg = X2VLMConfig.load(directory / CONFIG_NAME)
+    model = X2VLM(cfg)
+    state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+    check_and_load(model, state, str(directory / WEIGHTS_NAME))
+    return model.eval()
+
+
+def infer_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig) -> X2VLMConfig:
+    """Adjust a preset to an official state dict: task from its heads, image size from its
+    relative-position tables, frame positions and label count from their shapes."""
+    native, _ = official_to_native(state)
+    changes: dict = {}
+    if "answer_decoder.embeddings.word_embeddings.weight" in native:
+        changes["task"] = "vqa"
+        changes["num_dec_layers"] = 1 + max(int(k.split(".")[3]) for k in native if k.startswith("answer_decoder.encoder.layer."))
+    elif "cls_head.0.weight" in native:
+        in_dim = native["cls_head.0.weight"].shape[1]
+        if in_dim == 2 * base.text.hidden_size:
+            changes["task"] = "nlvr"
+        else:
+            changes["task"] = "classification"
+            changes["num_labels"] = native["cls_head.3.weight"].shape[0]
+    elif "crit_mask_lm_smoothed.one_hot" in state or ("mlm_head.bias" in native and "itm_head.0.weight" not in native):
+        changes["task"] = "captioning"
+    elif "mlm_head.bias" in native:
+        changes["task"] = "pretrain"
+    elif "itm_head.0.weight" in native:
+        changes["task"] = "retrieval"
+    elif "bbox_head.0.weight" in native:
+        changes["task"] = "grounding"
+    table = native.get("vision_encoder.blocks.0.attn.relative_position_bias_table")
+    if table is not None:
+        grid = (round((table.shape[0] - 3) ** 0.5) + 1) // 2
+        changes["image_res"] = grid * base.vision.patch_size
+    frames = native.get("absolute_frame_pos_embed")
+    if frames is not None:
+        changes["frame_len"], changes["add_frame_pos"] = frames.shape[1], True
+    elif base.add_frame_pos:
+        changes["frame_len"], changes["add_frame_pos"] = 0, False
+    return base.replace(**changes)
+
+
+def regenerate_buffers_match(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys whose stored relative-position index differs from the one we compute (should be none)."""
+    bad = []
+    for key, value in state.items():
+        if key.endswith("relative_position_index"):
+            grid = round((value.shape[0] - 1) ** 0.5)
+            if not torch.equal(value, relative_position_index(grid)):
+                bad.append(key)
+    return bad

@@ -1,0 +1,276 @@
+"""BERT-style text encoder and fusion (cross-modal) layers of X²-VLM.
+
+One stack of post-LN BERT layers: layers ``[0, fusion_start)`` are the text encoder, layers
+``[fusion_start, num_layers)`` add cross-attention to vision tokens after self-attention (the
+fusion encoder). The same module, built with ``fusion_start=0`` and no embeddings, is the separate
+cross encoder of the XLM-R variant; built with ``causal=True`` it is the VQA answer decoder.
+
+Sub-module names are the Hugging Face BERT names (``embeddings``, ``encoder.layer.N.attention.self.query``
+...), which is what the released checkpoints and every BERT/RoBERTa checkpoint on the hub use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from x2vlm.config import TextConfig
+from x2vlm.models.layers import (
+    CROSS_ATTENTION_MASK_VALUE,
+    SELF_ATTENTION_MASK_VALUE,
+    DropPath,
+    attention,
+    padding_bias,
+)
+
+
+class TextEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout.
+
+    ``position_style='roberta'`` numbers positions from ``pad_token_id + 1`` over non-pad tokens, as
+    RoBERTa/XLM-R do; ``'absolute'`` is BERT's 0..L-1.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            padding_idx=cfg.pad_token_id if cfg.position_style == "roberta" else None,
+        )
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def position_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.position_style == "roberta":
+            not_pad = input_ids.ne(self.cfg.pad_token_id).long()
+            return torch.cumsum(not_pad, dim=1) * not_pad + self.cfg.pad_token_id
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = self.position_ids_for(input_ids)
+        if position_ids.max() >= self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"text of length {input_ids.shape[1]} exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
+        token_types = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings(token_types)
+        return self.dropout(self.LayerNorm(x))
+
+
+class AttentionProjections(nn.Module):
+    """Query from the hidden states; key and value from ``kv_width``-wide inputs (vision for cross-attention)."""
+
+    def __init__(self, hidden: int, kv_width: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: TextConfig, drop_path: float):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.drop_path(self.dropout(self.dense(x))) + residual)
+
+
+class MultiHeadAttention(nn.Module):
+    """BERT attention sub-block (``self`` projections + ``output``), post-LN."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int, drop_path: float):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.dropout_p = cfg.attention_dropout
+        self.self = AttentionProjections(cfg.hidden_size, kv_width)  # official key: attention.self.query
+        self.output = AttentionOutput(cfg, drop_path)
+
+    def forward(self, hidden: torch.Tensor, kv_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        proj = self.self
+        batch, length, width = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = heads(proj.query(hidden)), heads(proj.key(kv_input)), heads(proj.value(kv_input))
+        out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
+        return self.output(out.transpose(1, 2).reshape(batch, length, width), hidden)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class FeedForwardOutput(nn.Module):
+    def __init__(self, cfg: TextConfig, drop_path: float):
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.drop_path(self.dropout(self.dense(x))) + residual)
+
+
+class TextLayer(nn.Module):
+    """Self-attention, optional cross-attention to vision tokens, feed-forward; each post-LN."""
+
+    def __init__(self, cfg: TextConfig, cross_width: int | None, drop_path: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(cfg, cfg.hidden_size, drop_path)
+        self.crossattention = MultiHeadAttention(cfg, cross_width, drop_path) if cross_width else None
+        self.intermediate = Intermediate(cfg)
+        self.output = FeedForwardOutput(cfg, drop_path)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        self_bias: torch.Tensor | None,
+        vision_states: torch.Tensor | None = None,
+        cross_bias: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # ``history``: this layer's inputs at earlier positions (incremental decoding); keys and
+        # values are computed over history + current tokens.
+        kv_input = hidden if history is None else torch.cat([history, hidden], dim=1)
+        hidden = self.attention(hidden, kv_input, self_bias)
+        if self.crossattention is not None and vision_states is not None:
+            hidden = self.crossattention(hidden, vision_states, cross_bias)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class LayerStack(nn.Module):
+    def __init__(self, layers: list[TextLayer]):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class TextTransformer(nn.Module):
+    """Embeddings (optional) and a stack of BERT layers, cross-attention from ``cross_start`` on.
+
+    - text + fusion stack (X²-VLM): ``num_layers=18, cross_start=12``;
+    - separate cross encoder: ``with_embeddings=False, cross_start=0``;
+    - VQA answer decoder: ``causal=True, cross_start=0``, cross width = text width.
+    """
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        num_layers: int,
+        cross_start: int,
+        cross_width: int,
+        with_embeddings: bool = True,
+        causal: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.causal = causal
+        self.cross_start = cross_start
+        self.embeddings = TextEmbeddings(cfg) if with_embeddings else None
+        text_rates = torch.linspace(0, cfg.text_drop_path_rate, max(cross_start, 1)).tolist()
+        cross_rates = torch.linspace(0, cfg.cross_drop_path_rate, max(num_layers - cross_start, 1)).tolist()
+        layers = []
+        for i in range(num_layers):
+            has_cross = i >= cross_start
+            rate = cross_rates[i - cross_start] if has_cross else text_rates[i]
+            layers.append(TextLayer(cfg, cross_width if has_cross else None, rate))
+        self.encoder = LayerStack(layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layer)
+
+    def self_attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """Additive self-attention bias from a (B, L) padding mask or a (B, L, L_total) mask."""
+        if mask.dim() == 2 and self.causal:
+            length = mask.shape[1]
+            causal = torch.tril(torch.ones(length, length, device=mask.device, dtype=mask.dtype))
+            mask = causal[None] * mask[:, None, :]
+        return padding_bias(mask, SELF_ATTENTION_MASK_VALUE)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        start: int,
+        end: int,
+        vision_states: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        history: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Layers ``[start, end)``: the last states, and (if asked, or with ``history``) the input of
+        the first layer followed by every layer's output; otherwise an empty list.
+
+        With ``history`` (one tensor per layer in the range: the cached inputs of earlier positions),
+        ``mask`` must be the (B, L_current, L_history + L_current) 0/1 matrix.
+        """
+        self_bias = self.self_attention_bias(mask)
+        cross_bias = None
+        if vision_states is not None:
+            if vision_mask is None:
+                vision_mask = torch.ones(vision_states.shape[:2], dtype=torch.long, device=vision_states.device)
+            cross_bias = padding_bias(vision_mask, CROSS_ATTENTION_MASK_VALUE)
+        keep = output_hidden_states or history is not None
+        states = [hidden] if keep else []
+        for offset, layer in enumerate(self.encoder.layer[start:end]):
+            past = history[offset] if history is not None else None
+            hidden = layer(hidden, self_bias, vision_states, cross_bias, past)
+            if keep:
+                states.append(hidden)
+        return hidden, states
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        vision_states: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embeddings and every layer (cross-attention skipped when ``vision_states`` is None)."""
+        hidden = self.embeddings(input_ids, position_ids)
+        return self.run_layers(hidden, mask, 0, self.num_layers, vision_states, vision_mask, output_hidden_states)
+
+
+class PredictionTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """BERT prediction head: dense, GELU, LayerNorm, then the word-embedding matrix plus ``bias``.
+
+    The decoder weight is tied to the word embeddings (as in every released checkpoint), so it is
+    passed in rather than stored twice.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transform = PredictionTransform(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)

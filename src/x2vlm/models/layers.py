@@ -1,0 +1,75 @@
+"""Building blocks shared by the vision and text towers: the one attention function, drop path, MLP heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention over (B, heads, L, d) tensors with an additive bias.
+
+    ``bias`` broadcasts to (B, heads, Lq, Lk) and carries masks and relative-position terms. The fast
+    path is ``scaled_dot_product_attention``; ``return_probs`` takes the explicit path so the
+    probabilities can be inspected (parity tests, visualisation).
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if not return_probs:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        return out, None
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    out = F.dropout(probs, dropout_p) @ v
+    return out, probs
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (the official text layers drop token positions; we do not)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def build_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """The official head: Linear(in, 2in) -> LayerNorm -> GELU -> Linear(2in, out) (keys .0 .1 .3)."""
+    return nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, out_dim))
+
+
+def padding_bias(mask: torch.Tensor, value: float) -> torch.Tensor:
+    """Additive attention bias from a 0/1 mask: (B, L) -> (B, 1, 1, L); (B, Lq, Lk) -> (B, 1, Lq, Lk)."""
+    mask = mask.to(torch.float32)
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None, :, :]
+    else:
+        raise ValueError(f"attention mask must be 2-D or 3-D, got shape {tuple(mask.shape)}")
+    return (1.0 - mask) * value
+
+
+# Additive mask values of the official code: BERT self-attention uses -10000, cross-attention the
+# transformers ``invert_attention_mask`` value for float32. Both underflow to exact zeros after softmax.
+SELF_ATTENTION_MASK_VALUE = -10000.0
+CROSS_ATTENTION_MASK_VALUE = -1e9
