@@ -403,3 +403,74 @@ def regenerate_buffers_match(state: Mapping[str, torch.Tensor]) -> list[str]:
             if not torch.equal(value, relative_position_index(grid)):
                 bad.append(key)
     return bad
+
+
+# -- text encoder from a Hugging Face BERT directory ------------------------------------------------
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return read_state_dict(directory / name)
+    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def bert_layer_sources(num_bert_layers: int, num_text_layers: int, num_fusion_layers: int) -> tuple[list[int], list[int]]:
+    """Which BERT layer initialises each text layer and each fusion layer (official recipe).
+
+    Text layer i <- BERT layer i (or layer 2i+1 when BERT has twice as many layers, the
+    ``bert-large-uncased-12l`` recipe); fusion layers <- the upper text-source layers again
+    (18-layer X²-VLM from 12-layer BERT: fusion 12..17 <- BERT 6..11)."""
+    if num_bert_layers == num_text_layers:
+        text_src = list(range(num_text_layers))
+    elif num_bert_layers == 2 * num_text_layers:
+        text_src = list(range(1, num_bert_layers, 2))
+    else:
+        raise ValueError(f"cannot map a {num_bert_layers}-layer BERT onto {num_text_layers} text layers")
+    if num_fusion_layers > len(text_src):
+        raise ValueError(f"cannot initialise {num_fusion_layers} fusion layers from {len(text_src)} text layers")
+    return text_src, text_src[len(text_src) - num_fusion_layers :]
+
+
+def load_hf_bert_text_encoder(model: X2VLM, directory: str | Path) -> list[str]:
+    """Initialise the text (and fusion self-attention/FFN) layers, embeddings and, if present, the
+    MLM head from a Hugging Face BERT directory. Returns the parameters left new (cross-attention,
+    heads), which the optimiser treats as newly initialised."""
+    import json
+
+    directory = Path(directory)
+    hf_cfg = json.loads((directory / "config.json").read_text())
+    t = model.cfg.text
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size")):
+        if getattr(t, ours) != hf_cfg.get(theirs):
+            raise ValueError(f"{directory}/config.json: {theirs}={hf_cfg.get(theirs)} but the model has text.{ours}={getattr(t, ours)}")
+    weights = {}
+    for key, value in _read_hf_weights(directory).items():
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
+        weights[key[len("bert."):] if key.startswith("bert.") else key] = value
+    num_text = model.num_text_layers if model.cross_encoder is None else t.num_layers
+    num_fusion = t.num_layers - t.fusion_start
+    text_src, fusion_src = bert_layer_sources(hf_cfg["num_hidden_layers"], num_text, num_fusion)
+    sources = dict(enumerate(text_src)) | {t.fusion_start + j: src for j, src in enumerate(fusion_src)}
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if key.startswith("embeddings.") and not key.endswith(("position_ids", "token_type_ids")):
+            mapped["text_encoder." + key] = value
+        elif key.startswith("cls.predictions.transform."):
+            mapped["mlm_head.transform." + key[len("cls.predictions.transform."):]] = value
+        elif key == "cls.predictions.bias":
+            mapped["mlm_head.bias"] = value
+    for layer, src in sources.items():
+        prefix = f"encoder.layer.{src}."
+        for key, value in weights.items():
+            if key.startswith(prefix):
+                mapped[f"text_encoder.encoder.layer.{layer}." + key[len(prefix):]] = value.clone()
+    own = model.state_dict()
+    mapped = {k: v for k, v in mapped.items() if k in own}  # an MLM head only if the task has one
+    mis_shaped = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items() if v.shape != own[k].shape]
+    if mis_shaped:
+        raise CheckpointMismatchError(str(directory), [], [], mis_shaped)
+    model.load_state_dict(mapped, strict=False)
+    text_keys = [k for k in own if k.startswith("text_encoder.") and "crossattention" not in k]
+    not_loaded = [k for k in text_keys if k not in mapped]
+    if not_loaded:
+        raise CheckpointMismatchError(str(directory), not_loaded, [], [])
+    return sorted(k for k in own if k not in mapped and not k.startswith("vision_encoder."))

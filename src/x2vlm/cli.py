@@ -1,0 +1,87 @@
+"""Command line: ``x2vlm <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("x2vlm")
+
+
+def _load_config_file(path: Path, task: str | None):
+    from x2vlm.config import X2VLMConfig, from_official_yaml
+
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from err
+        return from_official_yaml(data, task=task), True
+    return X2VLMConfig.load(path), False
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Official checkpoint -> our directory (config.json, model.safetensors, vocab.txt)."""
+    from x2vlm.checkpoint import infer_config, load_official, read_state_dict, save_pretrained
+    from x2vlm.config import preset
+    from x2vlm.models.x2vlm import X2VLM
+    from x2vlm.tokenizer import WordPieceTokenizer
+
+    state = read_state_dict(args.src, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    if args.config:
+        cfg, explicit = _load_config_file(Path(args.config), args.task)
+        if not explicit:
+            cfg = infer_config(state, cfg)
+    else:
+        cfg = infer_config(state, preset(args.preset))
+    changes = {k: v for k, v in (("task", args.task), ("image_res", args.image_res)) if v is not None}
+    if changes:
+        cfg = cfg.replace(**changes)
+    model = X2VLM(cfg)
+    new = load_official(model, state)
+    if new:
+        log.warning("newly initialised (not in the checkpoint): %s", ", ".join(new))
+    tokenizer = WordPieceTokenizer.from_name_or_path(args.tokenizer or cfg.tokenizer)
+    out = Path(args.out_dir)
+    save_pretrained(model, out, tokenizer_files={"vocab.txt": tokenizer.vocab_file})
+    log.info("wrote %s (task %s, image_res %d, %s)", out, cfg.task, cfg.image_res, cfg.name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x2vlm", description="X²-VLM: pre-training, fine-tuning, evaluation and inference")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an official .th/.pth/.safetensors checkpoint to an x2vlm directory")
+    p.add_argument("src", help="official checkpoint file")
+    p.add_argument("out_dir", help="output directory (config.json, model.safetensors, vocab.txt)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", help="architecture preset (x2vlm-base, x2vlm-large, ...); task, image size and frames are read off the checkpoint")
+    group.add_argument("--config", help="an official YAML or our config.json")
+    p.add_argument("--task", help="override the task (pretrain, retrieval, grounding, nlvr, classification, vqa, captioning)")
+    p.add_argument("--image-res", type=int, help="build the model at this resolution (relative-position tables are resized)")
+    p.add_argument("--tokenizer", help="vocabulary name or file (default: the config's)")
+    p.add_argument("--allow-unsafe-pickle", action="store_true", help="allow full unpickling for files that need it (runs code from the file: trusted files only)")
+    p.set_defaults(func=cmd_convert)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
