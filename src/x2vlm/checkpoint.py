@@ -147,33 +147,33 @@ def official_to_native(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
 
 
 def native_to_official(model: X2VLM) -> dict[str, torch.Tensor]:
-    """The model's weights in the official layout of its task's class (buffers and tied aliases included)."""
+    """The model's weights in the official layout of its task's class, in the official key order,
+    with the buffers (relative-position index, position ids) and tied aliases the releases store."""
     cfg = model.cfg
     has_mlm = "mlm" in cfg.heads
     text_prefix = "text_encoder.bert." if has_mlm else "text_encoder."
+    renames = [
+        ("text_encoder.", text_prefix),
+        ("mlm_head.", "text_encoder.cls.predictions."),
+        ("answer_decoder.", "text_decoder.bert."),
+        ("answer_head.", "text_decoder.cls.predictions."),
+    ]
+    position_ids = torch.arange(cfg.text.max_position_embeddings).unsqueeze(0)
     out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("text_encoder."):
-            out[text_prefix + key[len("text_encoder."):]] = value
-        elif key.startswith("mlm_head."):
-            out["text_encoder.cls.predictions." + key[len("mlm_head."):]] = value
-        elif key.startswith("answer_decoder."):
-            out["text_decoder.bert." + key[len("answer_decoder."):]] = value
-        elif key.startswith("answer_head."):
-            out["text_decoder.cls.predictions." + key[len("answer_head."):]] = value
-        else:
-            out[key] = value
-    for i, block in enumerate(model.vision_encoder.blocks):
-        out[f"vision_encoder.blocks.{i}.attn.relative_position_index"] = block.attn.relative_position_index.clone()
-    max_pos = cfg.text.max_position_embeddings
-    out[text_prefix + "embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
-    if has_mlm:
-        out["text_encoder.cls.predictions.decoder.weight"] = out[text_prefix + "embeddings.word_embeddings.weight"]
-        out["text_encoder.cls.predictions.decoder.bias"] = out["text_encoder.cls.predictions.bias"]
-    if "answer_decoder" in cfg.heads:
-        out["text_decoder.bert.embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
-        out["text_decoder.cls.predictions.decoder.weight"] = out["text_decoder.bert.embeddings.word_embeddings.weight"]
-        out["text_decoder.cls.predictions.decoder.bias"] = out["text_decoder.cls.predictions.bias"]
+    native = model.state_dict()
+    for key, value in native.items():
+        new = next((official + key[len(ours):] for ours, official in renames if key.startswith(ours)), key)
+        if new.endswith("embeddings.word_embeddings.weight"):
+            out[new.replace("word_embeddings.weight", "position_ids")] = position_ids  # a buffer: listed first
+        out[new] = value
+        if new.endswith("attn.relative_position_bias_table"):
+            block = int(new.split(".")[2])
+            out[new.replace("bias_table", "index")] = model.vision_encoder.blocks[block].attn.relative_position_index.clone()
+        if new.endswith("cls.predictions.transform.LayerNorm.bias"):  # tied decoder after the transform
+            head = new[: -len("transform.LayerNorm.bias")]
+            words = out[head.replace("cls.predictions.", "bert.embeddings.word_embeddings.weight")]
+            out[head + "decoder.weight"] = words
+            out[head + "decoder.bias"] = out[head + "bias"]
     if cfg.task == "captioning":
         out["crit_mask_lm_smoothed.one_hot"] = _smoothed_one_hot(cfg)
     return out
@@ -282,7 +282,9 @@ def check_and_load(model: X2VLM, native: Mapping[str, torch.Tensor], source: str
     )
     if missing or unexpected or mis_shaped:
         raise CheckpointMismatchError(source, missing, unexpected, mis_shaped)
-    model.load_state_dict({**{k: own[k] for k in new_params}, **native}, strict=True)
+    # A model built on the meta device (shape checks, deferred allocation) takes the tensors as they are.
+    assign = any(p.is_meta for p in model.parameters())
+    model.load_state_dict({**{k: own[k] for k in new_params}, **native}, strict=True, assign=assign)
     return new_params
 
 

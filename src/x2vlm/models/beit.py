@@ -20,7 +20,7 @@ from scipy.interpolate import RectBivariateSpline
 from torch import nn
 
 from x2vlm.config import VisionConfig
-from x2vlm.models.layers import DropPath, attention
+from x2vlm.models.layers import DropPath, attention, linspace
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -168,7 +168,7 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid * self.grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = linspace(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(Block(cfg, self.grid, rate) for rate in rates)
         self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.init_weights()

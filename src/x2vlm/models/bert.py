@@ -21,6 +21,7 @@ from x2vlm.models.layers import (
     SELF_ATTENTION_MASK_VALUE,
     DropPath,
     attention,
+    linspace,
     padding_bias,
 )
 
@@ -183,8 +184,8 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.cross_start = cross_start
         self.embeddings = TextEmbeddings(cfg) if with_embeddings else None
-        text_rates = torch.linspace(0, cfg.text_drop_path_rate, max(cross_start, 1)).tolist()
-        cross_rates = torch.linspace(0, cfg.cross_drop_path_rate, max(num_layers - cross_start, 1)).tolist()
+        text_rates = linspace(cfg.text_drop_path_rate, max(cross_start, 1))
+        cross_rates = linspace(cfg.cross_drop_path_rate, max(num_layers - cross_start, 1))
         layers = []
         for i in range(num_layers):
             has_cross = i >= cross_start

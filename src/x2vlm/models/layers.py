@@ -52,6 +52,11 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
+def linspace(end: float, steps: int) -> list[float]:
+    """``torch.linspace(0, end, steps)`` as floats (also under a meta-device context)."""
+    return [end * i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
+
+
 def build_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     """The official head: Linear(in, 2in) -> LayerNorm -> GELU -> Linear(2in, out) (keys .0 .1 .3)."""
     return nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, out_dim))

@@ -38,6 +38,8 @@ class X2VLM(nn.Module):
             self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
         self.vision_encoder = VisionTransformer(cfg.vision, cfg.image_res)
         self.text_encoder = TextTransformer(t, t.num_layers, cross_start=t.fusion_start, cross_width=cfg.vision.width)
+        if "mlm" in heads:  # the official MLM head sits inside the text encoder (text_encoder.cls)
+            self.mlm_head = MLMHead(t)
         self.cross_encoder = None
         if cfg.cross_num_layers:
             self.cross_encoder = TextTransformer(
@@ -51,8 +53,6 @@ class X2VLM(nn.Module):
             self.itm_head = build_mlp(width, 2)
         if "bbox" in heads:
             self.bbox_head = build_mlp(width, 4)
-        if "mlm" in heads:
-            self.mlm_head = MLMHead(t)
         if "nlvr" in heads:
             self.cls_head = build_mlp(2 * width, 2)
         if "classify" in heads:

@@ -1,0 +1,1 @@
+"""Data pre-processing shared by pre-training and fine-tuning: readers, text, image/box transforms, MLM masking, video frames."""
