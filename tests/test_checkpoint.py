@@ -200,3 +200,22 @@ def test_official_yaml_conversion():
     assert from_official_yaml({**yaml_data, "num_dec_layers": 6}).task == "vqa"
     with pytest.raises(ValueError, match="vision_config"):
         from_official_yaml({"vision_config": "configs/swin.json"})
+
+
+@torch.no_grad()
+def test_separate_cross_encoder_layout_and_roberta_positions():
+    """The XLM-R variant: a text encoder without cross-attention and a 2-layer cross encoder."""
+    cfg = preset("x2vlm-tiny", cross_num_layers=2, text={"fusion_start": 6, "position_style": "roberta", "pad_token_id": 1, "max_position_embeddings": 66})
+    model = X2VLM(cfg).eval()
+    keys = list(model.state_dict())
+    assert not any("crossattention" in k for k in keys if k.startswith("text_encoder."))
+    assert {k.split(".")[3] for k in keys if k.startswith("cross_encoder.")} == {"0", "1"}
+    assert not any(k.startswith("cross_encoder.embeddings") for k in keys)
+    ids = torch.tensor([[0, 50, 60, 2, 1, 1]])
+    positions = model.text_encoder.embeddings.position_ids_for(ids)
+    assert positions.tolist() == [[2, 3, 4, 5, 1, 1]]  # RoBERTa: from pad_id + 1, pads keep pad_id
+    images = torch.randn(1, 3, 64, 64)
+    vision, vmask = model.encode_images(images)
+    mask = ids.ne(1).long()
+    fused = model.fuse(model.encode_text(ids, mask), mask, vision, vmask)
+    assert torch.allclose(fused, model.encode_multimodal(ids, mask, vision, vmask))

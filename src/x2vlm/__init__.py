@@ -1,3 +1,22 @@
-"""x2vlm: the maintained implementation of X²-VLM (Zeng et al., 2022)."""
+"""x2vlm: the maintained implementation of X²-VLM (Zeng et al., 2022).
+
+    from x2vlm import X2VLM, preset, from_pretrained
+    model = from_pretrained("path/to/converted")      # or X2VLM(preset("x2vlm-base"))
+"""
+
+from x2vlm.checkpoint import from_pretrained, load_official, save_pretrained
+from x2vlm.config import PRESETS, X2VLMConfig, preset
+from x2vlm.models.x2vlm import X2VLM
+from x2vlm.tokenizer import WordPieceTokenizer
 
 __version__ = "0.1.0"
+__all__ = [
+    "PRESETS",
+    "X2VLM",
+    "X2VLMConfig",
+    "WordPieceTokenizer",
+    "from_pretrained",
+    "load_official",
+    "preset",
+    "save_pretrained",
+]

@@ -66,9 +66,9 @@ class WordPieceTokenizer:
     @property
     def special_ids(self) -> set[int]:
         """Ids never used as random MLM replacements: the special tokens and every [unusedN]."""
-        ids = {self.vocab[t] for t in SPECIAL_TOKENS}
-        ids.update(i for t, i in self.vocab.items() if t.startswith("[unused"))
-        return ids
+        from x2vlm.data.masking import special_ids_from_vocab
+
+        return set(special_ids_from_vocab(self.vocab))
 
     def tokenize(self, text: str) -> list[str]:
         """Wordpieces without [CLS]/[SEP]."""

@@ -50,7 +50,8 @@ class MaskingConfig:
             raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
         if self.max_masks < 1:
             raise ValueError(f"max_masks must be >= 1, got {self.max_masks}")
-        if self.mask_token_prob < 0 or self.random_token_prob < 0 or self.mask_token_prob + self.random_token_prob > 1:
+        probs = (self.mask_token_prob, self.random_token_prob)
+        if min(probs) < 0 or sum(probs) > 1:
             raise ValueError("mask_token_prob and random_token_prob must be >= 0 and sum to <= 1")
 
 
@@ -147,7 +148,7 @@ def mask_tokens(
 def pad_masked_targets(
     masked_positions: Sequence[int], original_ids: Sequence[int], max_masks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-size MLM targets: ``masked_pos`` (pad 0) and ``masked_ids`` (pad -100), int64 ``(max_masks,)``."""
+    """Fixed-size MLM targets: ``masked_pos`` (pad 0), ``masked_ids`` (pad -100); int64 ``(max_masks,)``."""
     if len(masked_positions) != len(original_ids):
         raise ValueError("masked_positions and original_ids differ in length")
     if len(masked_positions) > max_masks:

@@ -407,7 +407,10 @@ class _RandomViewTransform:
         return self.apply(img, self.sample_params(img.size, rng, texts))
 
     def clip(
-        self, frames: Sequence[Image.Image], rng: np.random.Generator, texts: str | Iterable[str] | None = None
+        self,
+        frames: Sequence[Image.Image],
+        rng: np.random.Generator,
+        texts: str | Iterable[str] | None = None,
     ) -> torch.Tensor:
         """Augment a clip with ONE set of parameters for all frames: ``(F, 3, res, res)`` float32."""
         params = self.sample_params(_check_clip(frames), rng, texts)
@@ -460,7 +463,9 @@ class EvalTransform:
         """``(3, res, res)`` float32."""
         return to_tensor_normalized(resize_for_eval(img, self.res), self.mean, self.std)
 
-    def clip(self, frames: Sequence[Image.Image], rng: np.random.Generator | None = None, texts=None) -> torch.Tensor:
+    def clip(
+        self, frames: Sequence[Image.Image], rng: np.random.Generator | None = None, texts=None
+    ) -> torch.Tensor:
         """``(F, 3, res, res)`` float32."""
         _check_clip(frames)
         return torch.stack([self(f) for f in frames])

@@ -241,9 +241,9 @@ def load_image(
     if not is_path:
         return decode_base64_image(value, source=source, field=field)
     path = os.fspath(value)
+    context = f" ({_where(source, field)})" if source is not None or field is not None else ""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}" + (f" ({_where(source, field)})" if source or field else ""))
+        raise FileNotFoundError(f"image file not found: {path}{context}")
     with open(path, "rb") as fh:
         raw = fh.read()
-    where = f"file {path!r}" + (f" ({_where(source, field)})" if source is not None or field is not None else "")
-    return _decode_image_bytes(raw, where)
+    return _decode_image_bytes(raw, f"file {path!r}{context}")
