@@ -314,8 +314,8 @@ def load_official(
         for note in notes:
             log.info("%s", note)
         allow_missing = ("cls_head.",)
-        if model.cfg.add_frame_pos:
-            allow_missing += ("absolute_frame_pos_embed",)
+    if model.cfg.add_frame_pos:  # an image checkpoint continued as a video model (1B stage 2)
+        allow_missing += ("absolute_frame_pos_embed",)
     for note in adapt_to_model(native, model):
         log.info("%s", note)
     return check_and_load(model, native, source, allow_missing)
@@ -476,3 +476,34 @@ def load_hf_bert_text_encoder(model: X2VLM, directory: str | Path) -> list[str]:
     if not_loaded:
         raise CheckpointMismatchError(str(directory), not_loaded, [], [])
     return sorted(k for k in own if k not in mapped and not k.startswith("vision_encoder."))
+
+
+# -- vision encoder from a BEiT-2 ImageNet checkpoint -----------------------------------------------
+def load_beit2_vision_encoder(model: X2VLM, path: str | Path, allow_unsafe_pickle: bool = False) -> list[str]:
+    """Initialise ``vision_encoder`` from a BEiT-2 checkpoint (``model``/``module`` wrapped or bare).
+
+    The classifier head is dropped, a shared relative-position table is copied into every block,
+    index buffers are regenerated and tables resized to the model's grid (the official
+    ``load_pretrained_beit2``). Returns the model's parameters that stay new (everything outside
+    the vision encoder)."""
+    path = Path(path)
+    obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    for key in ("model", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    state = {k: v for k, v in obj.items() if not k.startswith("head.") and not k.endswith("relative_position_index")}
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:
+        for i in range(model.cfg.vision.depth):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+    native = {f"vision_encoder.{k}": v for k, v in state.items()}
+    adapt_to_model(native, model)
+    own = model.state_dict()
+    vision_keys = [k for k in own if k.startswith("vision_encoder.")]
+    missing = [k for k in vision_keys if k not in native]
+    unexpected = sorted(k for k in native if k not in own)
+    mis_shaped = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in native.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointMismatchError(str(path), missing, unexpected, mis_shaped)
+    model.load_state_dict(native, strict=False)
+    return sorted(k for k in own if not k.startswith("vision_encoder."))

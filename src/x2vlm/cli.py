@@ -16,8 +16,10 @@ def _load_config_file(path: Path, task: str | None):
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
+        from x2vlm.config import load_yaml
+
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({err})") from err
         return from_official_yaml(data, task=task), True
@@ -52,6 +54,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from x2vlm.train.pretrain import load_pretrain_config, run_pretraining
+
+    cfg = load_pretrain_config(args.config, args.set)
+    run_pretraining(cfg, resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2vlm", description="X²-VLM: pre-training, fine-tuning, evaluation and inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -68,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="vocabulary name or file (default: the config's)")
     p.add_argument("--allow-unsafe-pickle", action="store_true", help="allow full unpickling for files that need it (runs code from the file: trusted files only)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pretrain", help="pre-train (one process, or under torchrun for DDP/FSDP)")
+    p.add_argument("--config", help="run config YAML (see src/x2vlm/configs/pretrain)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optimizer.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", help="checkpoint directory (or run directory: its latest checkpoint) to continue from exactly")
+    p.set_defaults(func=cmd_pretrain)
+
+    from x2vlm.world import add_world_commands
+
+    add_world_commands(sub)
 
     return parser
 

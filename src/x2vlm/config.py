@@ -296,3 +296,21 @@ def from_official_yaml(data: dict[str, Any], task: str | None = None) -> X2VLMCo
         label_smoothing=float(data.get("label_smoothing", 0.1)),
         prompt=str(data.get("prompt", "a picture of ")),
     )
+
+
+# -- YAML ------------------------------------------------------------------------------------------
+def load_yaml(text: str):
+    """``yaml.safe_load`` that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=_Loader)

@@ -51,27 +51,43 @@ def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def contrastive_logits(vision_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
     return vision_feat @ text_feat.t() / temp
 
 
 def contrastive_loss(
-    vision_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor, ids: torch.Tensor | None = None
+    vision_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ITC over the global batch: symmetric cross-entropy; with ``ids`` every same-id pair is a positive
-    (target spread uniformly over a row's positives)."""
+    (target spread uniformly over a row's positives). Rows with ``valid`` False (padding) are neither
+    queries nor candidates."""
     vision_all = gather_across_ranks(vision_feat)
     text_all = gather_across_ranks(text_feat)
     logits = contrastive_logits(vision_all, text_all, temp)
+    rows = torch.arange(logits.shape[0], device=logits.device)
     if ids is None:
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-    ids_all = _gather_ids(ids).view(-1, 1)
-    positives = ids_all.eq(ids_all.t()).to(logits.dtype)
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-    loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2
+        positives = rows.view(-1, 1).eq(rows.view(1, -1))
+    else:
+        ids_all = _gather_ids(ids).view(-1, 1)
+        positives = ids_all.eq(ids_all.t())
+    if valid is None:
+        keep = torch.ones_like(rows, dtype=torch.bool)
+    else:
+        keep = _gather_ids(valid.to(torch.bool))
+        logits = logits.masked_fill(~(keep.view(-1, 1) & keep.view(1, -1)), torch.finfo(logits.dtype).min)
+    targets = positives.to(logits.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1)
+    loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1)
+    return ((loss_i2t + loss_t2i)[keep]).mean() / 2
 
 
 @torch.no_grad()
@@ -122,9 +138,16 @@ def matching_loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy at the masked positions; unused slots carry -100."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), masked_ids.reshape(-1), ignore_index=-100)
+def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor, global_count: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy at the masked positions; unused slots carry -100.
+
+    ``global_count``: the number of masked tokens over all ranks. The loss is then normalised so that
+    DDP's gradient averaging yields the gradient of the mean over the global batch (ranks may hold
+    different numbers of masks)."""
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), masked_ids.reshape(-1), ignore_index=-100, reduction="sum")
+    if global_count is None:
+        return flat / masked_ids.ne(-100).sum().clamp(min=1)
+    return flat * _world_size() / global_count.clamp(min=1)
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

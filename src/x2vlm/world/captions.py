@@ -8,6 +8,7 @@ from x2vlm.world import vocabulary as vocab
 from x2vlm.world.language import (
     Caption,
     ListCaption,
+    LocatedCaption,
     NounPhrase,
     RelationCaption,
     english_caption,
@@ -42,7 +43,8 @@ def grouped_phrases(objects: tuple[SceneObject, ...], names: tuple[str, ...],
 
 
 def pick(rng: np.random.Generator, items: list):
-    return items[int(rng.integers(len(items)))]
+    """A uniformly random element (one uniform draw; cheaper than ``rng.choice``)."""
+    return items[int(rng.random() * len(items))]
 
 
 def preferred_unique_set(index: SceneIndex, obj: SceneObject, rng: np.random.Generator,
@@ -76,15 +78,28 @@ def relation_caption(index: SceneIndex, rng: np.random.Generator, prefix: str) -
     return None
 
 
+def located_caption(index: SceneIndex, image_size: int, rng: np.random.Generator,
+                    prefix: str) -> LocatedCaption | None:
+    describable = [(o, preferred_unique_set(index, o, rng)) for o in index.objects]
+    describable = [(o, names) for o, names in describable if names is not None]
+    if not describable:
+        return None
+    obj, names = pick(rng, describable)
+    return LocatedCaption(phrase_for(attributes_of(obj, names)), vocab.location_of(obj.box, image_size),
+                          prefix)
+
+
 def with_prefix(caption: Caption, prefix: str) -> Caption:
     if isinstance(caption, ListCaption):
         return ListCaption(caption.phrases, prefix)
+    if isinstance(caption, LocatedCaption):
+        return LocatedCaption(caption.subject, caption.location, prefix)
     return RelationCaption(caption.subject, caption.relation, caption.reference, prefix)
 
 
-def image_captions(index: SceneIndex, rng: np.random.Generator) -> list[Caption]:
+def image_captions(index: SceneIndex, image_size: int, rng: np.random.Generator) -> list[Caption]:
     """Five distinct paraphrased captions: lists of objects at different levels of detail, a
-    spatial relation where one is clear, and a count."""
+    spatial relation where one is clear, where one object is, and a coarser summary."""
     objects = index.objects
     plan: list[Caption] = [
         ListCaption(grouped_phrases(objects, ("color", "shape"), rng), "none"),
@@ -94,10 +109,12 @@ def image_captions(index: SceneIndex, rng: np.random.Generator) -> list[Caption]
     relational = relation_caption(index, rng, pick(rng, ["none", "there_is"]))
     plan.append(relational if relational is not None else
                 ListCaption(grouped_phrases(objects, ("size", "shape"), rng), "image_with"))
-    plan.append(ListCaption(grouped_phrases(objects, ("shape",), rng), "image_with"))
-    last_names = ("color",) if rng.random() < 0.6 else ()
+    located = located_caption(index, image_size, rng, pick(rng, ["none", "there_is"]))
+    if located is not None:
+        plan.append(located)
+    last_names = pick(rng, [("shape",), ("color",), ()])
     plan.append(ListCaption(grouped_phrases(objects, last_names, rng),
-                            pick(rng, ["picture_of", "there_is", "none"])))
+                            pick(rng, ["image_with", "picture_of", "there_is", "none"])))
 
     fallbacks = [ListCaption(grouped_phrases(objects, names, rng), "none")
                  for names in (("size", "color", "shape"), ("color", "shape"), ("size", "shape"),
@@ -129,7 +146,7 @@ def region_elements(index: SceneIndex, rng: np.random.Generator) -> list[dict]:
         captions = [obj.shape]
         relational = index.relational_descriptions(obj, head_allowed=("shape",))
         rng.shuffle(relational)
-        for head, relation, reference, _ in relational[:2]:
+        for head, relation, reference in relational[:2]:
             reference_set = preferred_unique_set(index, reference, rng)
             captions.append(f"{obj.shape} {vocab.RELATION_PHRASES[relation]} "
                             f"{definite_text(attributes_of(reference, reference_set))}")
@@ -175,7 +192,7 @@ def referring_expressions(index: SceneIndex, obj: SceneObject, rng: np.random.Ge
         determiner = "the" if rng.random() < 0.5 else "bare"
         attribute_based.append(english_noun_phrase(phrase_for(attributes_of(obj, names), determiner)))
     relational = []
-    for head, relation, reference, _ in index.relational_descriptions(obj, ATTRIBUTE_NAMES):
+    for head, relation, reference in index.relational_descriptions(obj, ATTRIBUTE_NAMES):
         reference_set = preferred_unique_set(index, reference, rng)
         determiner = "the" if rng.random() < 0.5 else "bare"
         head_text = english_noun_phrase(phrase_for(attributes_of(obj, head), determiner))

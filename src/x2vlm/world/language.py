@@ -70,7 +70,24 @@ class RelationCaption:
     prefix: str = "none"
 
 
-Caption = ListCaption | RelationCaption
+@dataclass(frozen=True)
+class LocatedCaption:
+    """One object and the grid cell it is in: "a red circle in the top left corner"."""
+
+    subject: NounPhrase
+    location: str
+    prefix: str = "none"
+
+
+Caption = ListCaption | RelationCaption | LocatedCaption
+
+
+def caption_phrases(caption: Caption) -> tuple[NounPhrase, ...]:
+    if isinstance(caption, ListCaption):
+        return caption.phrases
+    if isinstance(caption, RelationCaption):
+        return (caption.subject, caption.reference)
+    return (caption.subject,)
 
 
 def sentence_case(text: str, end: str = ".") -> str:
@@ -120,12 +137,14 @@ def english_description(description: Description) -> str:
 def english_caption(caption: Caption) -> str:
     if isinstance(caption, ListCaption):
         body = join_list([english_noun_phrase(p) for p in caption.phrases], "and")
-        first_plural = caption.phrases[0].is_plural
-    else:
+    elif isinstance(caption, RelationCaption):
         body = (f"{english_noun_phrase(caption.subject)} "
                 f"{vocab.RELATION_PHRASES[caption.relation]} "
                 f"{english_noun_phrase(caption.reference)}")
-        first_plural = caption.subject.is_plural
+    else:
+        body = (f"{english_noun_phrase(caption.subject)} "
+                f"{vocab.LOCATION_PHRASES['en'][caption.location]}")
+    first_plural = caption_phrases(caption)[0].is_plural
     prefix = vocab.CAPTION_PREFIXES[caption.prefix]["en"]
     if caption.prefix == "there_is" and first_plural:
         prefix = "there are"
@@ -159,6 +178,9 @@ def german_caption(caption: Caption) -> str:
     case = vocab.GERMAN_PREFIX_CASES[caption.prefix]
     if isinstance(caption, ListCaption):
         body = join_list([german_noun_phrase(p, case) for p in caption.phrases], "und")
+    elif isinstance(caption, LocatedCaption):
+        body = (f"{german_noun_phrase(caption.subject, case)} "
+                f"{vocab.LOCATION_PHRASES['de'][caption.location]}")
     else:
         body = (f"{german_noun_phrase(caption.subject, case)} "
                 f"{vocab.GERMAN_RELATIONS[caption.relation]} "
@@ -200,13 +222,20 @@ def french_after_de(preposition: str, phrase_text: str) -> str:
 
 
 def french_caption(caption: Caption) -> str:
+    prefix = vocab.CAPTION_PREFIXES[caption.prefix]["fr"]
+    if isinstance(caption, ListCaption) and prefix.endswith(" de"):
+        # "une image d'un cercle, d'une étoile et de deux carrés": "de" before every item
+        items = [french_after_de("de", french_noun_phrase(p)) for p in caption.phrases]
+        return sentence_case(f"{prefix[:-3]} {join_list(items, 'et')}")
     if isinstance(caption, ListCaption):
         body = join_list([french_noun_phrase(p) for p in caption.phrases], "et")
+    elif isinstance(caption, LocatedCaption):
+        body = (f"{french_noun_phrase(caption.subject)} "
+                f"{vocab.LOCATION_PHRASES['fr'][caption.location]}")
     else:
         body = (f"{french_noun_phrase(caption.subject)} "
                 + french_after_de(vocab.FRENCH_RELATIONS[caption.relation],
                                   french_noun_phrase(caption.reference)))
-    prefix = vocab.CAPTION_PREFIXES[caption.prefix]["fr"]
     return sentence_case(french_after_de(prefix, body) if prefix else body)
 
 
@@ -227,6 +256,9 @@ def spanish_noun_phrase(phrase: NounPhrase) -> str:
 def spanish_caption(caption: Caption) -> str:
     if isinstance(caption, ListCaption):
         body = join_list([spanish_noun_phrase(p) for p in caption.phrases], "y")
+    elif isinstance(caption, LocatedCaption):
+        body = (f"{spanish_noun_phrase(caption.subject)} "
+                f"{vocab.LOCATION_PHRASES['es'][caption.location]}")
     else:
         body = (f"{spanish_noun_phrase(caption.subject)} "
                 f"{vocab.SPANISH_RELATIONS[caption.relation]} "
@@ -245,8 +277,6 @@ CAPTION_RENDERERS = {
 
 def render_caption(caption: Caption, language: str = "en") -> str:
     """Surface form of a structured caption. Other languages only use "a"/"count" phrases."""
-    phrases = caption.phrases if isinstance(caption, ListCaption) else (caption.subject,
-                                                                        caption.reference)
-    if language != "en" and any(p.determiner not in ("a", "count") for p in phrases):
+    if language != "en" and any(p.determiner not in ("a", "count") for p in caption_phrases(caption)):
         raise ValueError("translated captions use indefinite or counted noun phrases only")
     return CAPTION_RENDERERS[language](caption)

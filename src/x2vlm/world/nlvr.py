@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,10 +10,8 @@ import numpy as np
 from x2vlm.world import vocabulary as vocab
 from x2vlm.world.captions import phrase_for, pick
 from x2vlm.world.language import english_noun_phrase, sentence_case
-from x2vlm.world.questions import attribute_filters, names_held_out
-from x2vlm.world.scene import SceneIndex, attributes_of
-
-SIDES: tuple[str, ...] = ("left", "right")
+from x2vlm.world.questions import attribute_filters, definite, names_held_out
+from x2vlm.world.scene import SceneIndex
 
 
 @dataclass(frozen=True)
@@ -23,9 +22,17 @@ class Statement:
     about_held_out: bool
 
 
+@dataclass(frozen=True)
+class StatementCandidate:
+    template: str
+    label: bool
+    about_held_out: bool
+    build_text: Callable[[np.random.Generator], str]
+
+
 def existence_statements(left: SceneIndex, right: SceneIndex, novel: bool,
-                         rng: np.random.Generator) -> list[Statement]:
-    statements = []
+                         rng: np.random.Generator) -> list[StatementCandidate]:
+    candidates = []
     filters = attribute_filters(left, novel, rng) + attribute_filters(right, novel, rng)
     seen = set()
     for attributes in filters:
@@ -33,49 +40,58 @@ def existence_statements(left: SceneIndex, right: SceneIndex, novel: bool,
         if key in seen or attributes.keys() == {"size"}:
             continue
         seen.add(key)
-        phrase = english_noun_phrase(phrase_for(attributes, "a"))
-        in_left = bool(left.matching(attributes))
-        in_right = bool(right.matching(attributes))
+        n_left, n_right = len(left.matching(attributes)), len(right.matching(attributes))
         held = names_held_out(attributes)
-        for side, present in (("left", in_left), ("right", in_right)):
-            statements.append(Statement("contains", f"the {side} image contains {phrase}", present, held))
-        statements.append(Statement("both", f"both images contain {phrase}", in_left and in_right, held))
-        statements.append(Statement("exactly_one", f"exactly one image contains {phrase}",
-                                    in_left != in_right, held))
-        statements.append(Statement("neither", f"neither image contains {phrase}",
-                                    not in_left and not in_right, held))
-        total = len(left.matching(attributes)) + len(right.matching(attributes))
-        for number in sorted({max(1, total - 1), total, total + 1}):
-            if number > 4:
+
+        def text(pattern: str, attributes=attributes):
+            return lambda rng: pattern.format(english_noun_phrase(phrase_for(attributes, "a")))
+
+        candidates += [
+            StatementCandidate("contains", n_left > 0, held, text("the left image contains {}")),
+            StatementCandidate("contains", n_right > 0, held, text("the right image contains {}")),
+            StatementCandidate("both", n_left > 0 and n_right > 0, held,
+                               text("both images contain {}")),
+            StatementCandidate("exactly_one", (n_left > 0) != (n_right > 0), held,
+                               text("exactly one image contains {}")),
+            StatementCandidate("neither", n_left == 0 and n_right == 0, held,
+                               text("neither image contains {}")),
+        ]
+        total = n_left + n_right
+        for number in sorted({total - 1, total, total + 1}):
+            if not 1 <= number <= 4:
                 continue
-            counted = english_noun_phrase(phrase_for(attributes, "count", count=number))
-            statements.append(Statement("total", f"the two images contain {counted} in total",
-                                        total == number, held))
-    return statements
+
+            def counted(rng, attributes=attributes, number=number):
+                phrase = english_noun_phrase(phrase_for(attributes, "count", count=number))
+                return f"the two images contain {phrase} in total"
+            candidates.append(StatementCandidate("total", total == number, held, counted))
+    return candidates
 
 
-def comparison_statements(left: SceneIndex, right: SceneIndex) -> list[Statement]:
+def comparison_statements(left: SceneIndex, right: SceneIndex) -> list[StatementCandidate]:
     n_left, n_right = len(left.objects), len(right.objects)
     return [
-        Statement("compare", "the left image has more objects than the right image",
-                  n_left > n_right, False),
-        Statement("compare", "the left image has fewer objects than the right image",
-                  n_left < n_right, False),
-        Statement("compare", "the two images have the same number of objects",
-                  n_left == n_right, False),
+        StatementCandidate("compare", n_left > n_right, False,
+                           lambda rng: "the left image has more objects than the right image"),
+        StatementCandidate("compare", n_left < n_right, False,
+                           lambda rng: "the left image has fewer objects than the right image"),
+        StatementCandidate("compare", n_left == n_right, False,
+                           lambda rng: "the two images have the same number of objects"),
     ]
 
 
-def vertical_statements(side: str, index: SceneIndex, rng: np.random.Generator) -> list[Statement]:
+def vertical_statements(side: str, index: SceneIndex) -> list[StatementCandidate]:
     """"In the left image, the red circle is above the blue square." Only above/below are used,
     so a horizontal flip of either image never changes a label."""
-    statements = []
+    candidates = []
     for subject in index.objects:
         subject_sets = index.unique_attribute_sets(subject)
         for reference in index.objects:
             reference_sets = index.unique_attribute_sets(reference)
             if subject.id == reference.id or not subject_sets or not reference_sets:
                 continue
+            held = (vocab.is_held_out(subject.color, subject.shape)
+                    or vocab.is_held_out(reference.color, reference.shape))
             for relation, opposite in (("above", "below"), ("below", "above")):
                 if index.holds(subject, relation, reference):
                     label = True
@@ -83,16 +99,14 @@ def vertical_statements(side: str, index: SceneIndex, rng: np.random.Generator) 
                     label = False
                 else:
                     continue
-                subject_text = english_noun_phrase(
-                    phrase_for(attributes_of(subject, pick(rng, subject_sets)), "the"))
-                reference_text = english_noun_phrase(
-                    phrase_for(attributes_of(reference, pick(rng, reference_sets)), "the"))
-                held = (vocab.is_held_out(subject.color, subject.shape)
-                        or vocab.is_held_out(reference.color, reference.shape))
-                statements.append(Statement(
-                    "vertical", f"in the {side} image, {subject_text} is {relation} {reference_text}",
-                    label, held))
-    return statements
+
+                def build(rng, subject=subject, reference=reference, relation=relation,
+                          subject_sets=subject_sets, reference_sets=reference_sets):
+                    subject_text = english_noun_phrase(definite(subject, pick(rng, subject_sets)))
+                    reference_text = english_noun_phrase(definite(reference, pick(rng, reference_sets)))
+                    return f"in the {side} image, {subject_text} is {relation} {reference_text}"
+                candidates.append(StatementCandidate("vertical", label, held, build))
+    return candidates
 
 
 def pair_statement(left: SceneIndex, right: SceneIndex, label: bool, novel: bool,
@@ -100,11 +114,11 @@ def pair_statement(left: SceneIndex, right: SceneIndex, label: bool, novel: bool
     """A statement about the pair whose truth is ``label``: a template family is drawn
     uniformly among those that can produce that label, then a statement within it."""
     candidates = (existence_statements(left, right, novel, rng) + comparison_statements(left, right)
-                  + vertical_statements("left", left, rng) + vertical_statements("right", right, rng))
-    candidates = [s for s in candidates if s.label == label]
+                  + vertical_statements("left", left) + vertical_statements("right", right))
+    candidates = [c for c in candidates if c.label == label]
     if novel:
-        candidates = [s for s in candidates if s.about_held_out] or candidates
-    templates = sorted({s.template for s in candidates})
-    template = pick(rng, templates)
-    chosen = pick(rng, [s for s in candidates if s.template == template])
-    return Statement(chosen.template, sentence_case(chosen.text), chosen.label, chosen.about_held_out)
+        candidates = [c for c in candidates if c.about_held_out] or candidates
+    template = pick(rng, sorted({c.template for c in candidates}))
+    chosen = pick(rng, [c for c in candidates if c.template == template])
+    return Statement(chosen.template, sentence_case(chosen.build_text(rng)), chosen.label,
+                     chosen.about_held_out)

@@ -176,17 +176,21 @@ def union_box(boxes: list[Box]) -> Box:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
-def visible_fraction(objects: tuple[SceneObject, ...] | list, index: int) -> float:
-    """Fraction of an object's box not covered by the boxes of objects drawn after it."""
-    x, y, w, h = objects[index].box
+def uncovered_fraction(box: Box, boxes_on_top: list[Box]) -> float:
+    """Fraction of ``box`` not covered by any of ``boxes_on_top``."""
+    x, y, w, h = box
     covered = np.zeros((h, w), dtype=bool)
-    for later in objects[index + 1:]:
-        lx, ly, lw, lh = later.box
+    for lx, ly, lw, lh in boxes_on_top:
         x0, x1 = max(x, lx), min(x + w, lx + lw)
         y0, y1 = max(y, ly), min(y + h, ly + lh)
         if x0 < x1 and y0 < y1:
             covered[y0 - y:y1 - y, x0 - x:x1 - x] = True
-    return round(1.0 - float(covered.mean()), 4)
+    return 1.0 - float(covered.mean())
+
+
+def visible_fraction(objects: tuple[SceneObject, ...] | list, index: int) -> float:
+    """Fraction of an object's box not covered by the boxes of objects drawn after it."""
+    return round(uncovered_fraction(objects[index].box, [o.box for o in objects[index + 1:]]), 4)
 
 
 def center_covered(boxes_on_top: list[Box], box: Box) -> bool:
@@ -199,21 +203,13 @@ def center_covered(boxes_on_top: list[Box], box: Box) -> bool:
 
 
 def occlusion_ok(boxes: list[Box]) -> bool:
-    """Partial occlusion is allowed, but every object keeps its centre and most of its box."""
-    for index, box in enumerate(boxes):
-        on_top = boxes[index + 1:]
-        if center_covered(on_top, box):
-            return False
-        x, y, w, h = box
-        covered = np.zeros((h, w), dtype=bool)
-        for lx, ly, lw, lh in on_top:
-            x0, x1 = max(x, lx), min(x + w, lx + lw)
-            y0, y1 = max(y, ly), min(y + h, ly + lh)
-            if x0 < x1 and y0 < y1:
-                covered[y0 - y:y1 - y, x0 - x:x1 - x] = True
-        if 1.0 - covered.mean() < vocab.MIN_VISIBLE_FRACTION:
-            return False
-    return True
+    """Partial occlusion is allowed, but every object keeps its centre and most of its box
+    (boxes are in drawing order)."""
+    return all(
+        not center_covered(boxes[index + 1:], box)
+        and uncovered_fraction(box, boxes[index + 1:]) >= vocab.MIN_VISIBLE_FRACTION
+        for index, box in enumerate(boxes)
+    )
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -344,20 +340,30 @@ def attributes_of(obj: SceneObject, names: tuple[str, ...]) -> dict[str, str]:
 
 
 class SceneIndex:
-    """Relation lookups and unique descriptions for one scene (or one video frame)."""
+    """Relation lookups and unique descriptions for one scene (or one video frame), memoised."""
 
     def __init__(self, objects: tuple[SceneObject, ...] | list, margin: int):
         self.objects = tuple(objects)
         self.margin = margin
-        self.by_id = {o.id: o for o in self.objects}
-        self._unique_sets: dict[tuple[int, tuple[str, ...]], list[tuple[str, ...]]] = {}
+        self._relations = {
+            (a.id, relation, b.id)
+            for a in self.objects for b in self.objects if a.id != b.id
+            for relation in vocab.RELATIONS if relation_holds(a.box, b.box, relation, margin)
+        }
+        self._matching: dict[tuple, list[SceneObject]] = {}
+        self._unique_sets: dict[tuple, list[tuple[str, ...]]] = {}
+        self._relational: dict[tuple, list] = {}
 
     def holds(self, subject: SceneObject, relation: str, reference: SceneObject) -> bool:
-        return subject.id != reference.id and relation_holds(subject.box, reference.box, relation,
-                                                             self.margin)
+        return (subject.id, relation, reference.id) in self._relations
 
     def matching(self, attributes: dict[str, str]) -> list[SceneObject]:
-        return [o for o in self.objects if matches(o, attributes)]
+        key = tuple(sorted(attributes.items()))
+        found = self._matching.get(key)
+        if found is None:
+            found = [o for o in self.objects if matches(o, attributes)]
+            self._matching[key] = found
+        return found
 
     def unique_attribute_sets(self, obj: SceneObject,
                               allowed: tuple[str, ...] = ATTRIBUTE_NAMES) -> list[tuple[str, ...]]:
@@ -371,22 +377,24 @@ class SceneIndex:
         return self._unique_sets[key]
 
     def relational_descriptions(self, obj: SceneObject, head_allowed: tuple[str, ...]):
-        """(head attribute names, relation, reference object, reference attribute names) such
-        that exactly ``obj`` matches the head attributes and stands in the relation to the
-        reference, which its own attributes describe uniquely."""
+        """(head attribute names, relation, reference object) such that exactly ``obj``
+        matches the head attributes and stands in the relation to the reference, and the
+        reference can itself be described uniquely."""
+        key = (obj.id, head_allowed)
+        if key in self._relational:
+            return list(self._relational[key])
         found = []
         for relation in vocab.RELATIONS:
             for reference in self.objects:
                 if not self.holds(obj, relation, reference):
                     continue
-                reference_sets = self.unique_attribute_sets(reference)
-                if not reference_sets:
+                if not self.unique_attribute_sets(reference):
                     continue
                 for head in attribute_subsets(head_allowed, include_empty=True):
-                    head_attributes = attributes_of(obj, head)
-                    selected = [o for o in self.objects
-                                if matches(o, head_attributes) and self.holds(o, relation, reference)]
+                    selected = [o for o in self.matching(attributes_of(obj, head))
+                                if self.holds(o, relation, reference)]
                     if len(selected) == 1:
-                        found.append((head, relation, reference, reference_sets[0]))
+                        found.append((head, relation, reference))
                         break
-        return found
+        self._relational[key] = found
+        return list(found)

@@ -189,7 +189,7 @@ def sample_clip(rng: np.random.Generator, video_id: str, split: str, file_name: 
         objects = []
         for index, (shape, event) in enumerate(zip(shapes, events)):
             size = str(rng.choice(vocab.SIZES))
-            side = vocab.object_size_px(size, frame_size)
+            side = vocab.object_size_px(size, frame_size, video=True)
             forced_color = forced_pair[0] if (forced_pair is not None and index == 0) else None
             color, new_color = clip_colors(rng, shape, event, novel, forced_color)
             direction, start, end = sample_motion(rng, event, side, frame_size, min_motion)
@@ -244,11 +244,29 @@ def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
             container.mux(packet)
 
 
+def _open_single_threaded(path: str):
+    container = av.open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "NONE"  # threads cost more than they save on tiny clips
+    stream.codec_context.thread_count = 1
+    return container, stream
+
+
 def decode_mp4(path: str) -> np.ndarray:
     """All frames of a video file as uint8 (T, H, W, 3)."""
-    with av.open(path) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    container, stream = _open_single_threaded(path)
+    with container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError(f"{path}: no decodable video frames")
+    return np.stack(frames)
+
+
+def count_decoded_frames(path: str) -> int:
+    """Number of frames the decoder gives back (without converting them)."""
+    container, stream = _open_single_threaded(path)
+    with container:
+        return sum(1 for _ in container.decode(stream))
 
 
 # --- captions and questions ---------------------------------------------------------------------
@@ -322,8 +340,9 @@ def clip_questions_by_family(clip: Clip) -> dict[str, list[VideoQuestion]]:
                 "direction", f"which way does the {shape} move?", obj.direction))
         found["color"].append(VideoQuestion(
             "color", f"what color is the {shape} when it is first seen?", obj.color))
-        found["moves"].append(VideoQuestion(
-            "moves", f"does the {shape} move?", "yes" if obj.event == "move" else "no"))
+        if any(o.event == "move" for o in clip.objects):  # so that both answers are on offer
+            found["moves"].append(VideoQuestion(
+                "moves", f"does the {shape} move?", "yes" if obj.event == "move" else "no"))
     for event in ("appear", "disappear"):
         actors = [o for o in clip.objects if o.event == event]
         if len(actors) == 1:
@@ -337,9 +356,11 @@ def clip_questions_by_family(clip: Clip) -> dict[str, list[VideoQuestion]]:
 def clip_questions(clip: Clip, per_clip: int, family_counts: Counter, balancer,
                    rng: np.random.Generator) -> list[VideoQuestion]:
     """``per_clip`` questions from different families, preferring the families asked least so
-    far, each answer chosen by the balancer."""
+    far, each answer chosen by the balancer; a family whose answers on offer are already too
+    common is skipped for this clip."""
     by_family = clip_questions_by_family(clip)
-    available = [f for f in VIDEO_QUESTION_FAMILIES if by_family[f]]
+    available = [f for f in VIDEO_QUESTION_FAMILIES
+                 if by_family[f] and balancer.admits("video:" + f, by_family[f])]
     chosen = []
     for _ in range(min(per_clip, len(available))):
         lowest = min(family_counts[f] for f in available)

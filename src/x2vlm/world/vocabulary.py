@@ -26,11 +26,19 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SIZES: tuple[str, ...] = ("small", "large")
 #: Side of an object's (square) box as a fraction of the image side.
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.17, "large": 0.29}
+#: Video frames are smaller and chroma-subsampled, so their objects are a little larger.
+VIDEO_SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.31}
 
 #: Spatial relations. "A left of B" holds when B's centre is at least the relation margin to
 #: the right of A's centre (and similarly for the other three); see ``scene.relation_holds``.
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 RELATION_MARGIN_FRACTION = 0.1
+#: Coarse absolute locations: the image is cut into a 3 x 3 grid and an object is "in" the
+#: cell that holds its centre (row-major order, see ``location_of``).
+LOCATIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
+    "bottom right",
+)
 #: An object must keep at least this fraction of its box unoccluded by boxes drawn after it.
 MIN_VISIBLE_FRACTION = 0.6
 
@@ -75,6 +83,31 @@ RELATION_PHRASES: dict[str, str] = {
     "right of": "to the right of",
     "above": "above",
     "below": "below",
+}
+
+LOCATION_PHRASES: dict[str, dict[str, str]] = {
+    "en": {
+        "top left": "in the top left corner", "top": "at the top",
+        "top right": "in the top right corner", "left": "on the left", "center": "in the center",
+        "right": "on the right", "bottom left": "in the bottom left corner",
+        "bottom": "at the bottom", "bottom right": "in the bottom right corner",
+    },
+    "de": {
+        "top left": "oben links", "top": "oben", "top right": "oben rechts", "left": "links",
+        "center": "in der Mitte", "right": "rechts", "bottom left": "unten links",
+        "bottom": "unten", "bottom right": "unten rechts",
+    },
+    "fr": {
+        "top left": "en haut à gauche", "top": "en haut", "top right": "en haut à droite",
+        "left": "à gauche", "center": "au centre", "right": "à droite",
+        "bottom left": "en bas à gauche", "bottom": "en bas", "bottom right": "en bas à droite",
+    },
+    "es": {
+        "top left": "arriba a la izquierda", "top": "arriba", "top right": "arriba a la derecha",
+        "left": "a la izquierda", "center": "en el centro", "right": "a la derecha",
+        "bottom left": "abajo a la izquierda", "bottom": "abajo",
+        "bottom right": "abajo a la derecha",
+    },
 }
 
 # --- other languages (multilingual retrieval) ----------------------------------------------------
@@ -202,9 +235,19 @@ def is_held_out(color: str, shape: str) -> bool:
     return (color, shape) in HELD_OUT_PAIRS
 
 
-def object_size_px(size: str, image_size: int) -> int:
-    """Side in pixels of an object's box of the given size class in an image of this side."""
-    return max(4, round(SIZE_FRACTIONS[size] * image_size))
+def location_of(box: tuple[int, int, int, int], image_size: int) -> str:
+    """The 3 x 3 grid cell holding the centre of a box."""
+    x, y, w, h = box
+    column = min(2, (2 * x + w) * 3 // (2 * image_size))
+    row = min(2, (2 * y + h) * 3 // (2 * image_size))
+    return LOCATIONS[row * 3 + column]
+
+
+def object_size_px(size: str, image_size: int, video: bool = False) -> int:
+    """Side in pixels of an object's box of the given size class in an image (or a video frame)
+    of this side."""
+    fractions = VIDEO_SIZE_FRACTIONS if video else SIZE_FRACTIONS
+    return max(4, round(fractions[size] * image_size))
 
 
 def relation_margin_px(image_size: int) -> int:
@@ -226,7 +269,7 @@ def world_definition(image_size: int, video_size: int) -> dict:
         "min_visible_fraction": MIN_VISIBLE_FRACTION,
         "video": {
             "frame_size": video_size,
-            "object_size_px": {size: object_size_px(size, video_size) for size in SIZES},
+            "object_size_px": {size: object_size_px(size, video_size, video=True) for size in SIZES},
             "relation_margin_px": relation_margin_px(video_size),
             "fps": VIDEO_FPS,
             "min_frames": MIN_FRAMES,
@@ -236,6 +279,12 @@ def world_definition(image_size: int, video_size: int) -> dict:
             "min_motion_px": round(MIN_MOTION_FRACTION * video_size),
         },
         "languages": list(LANGUAGES),
+        "locations": list(LOCATIONS),
+        "location_rule": (
+            "An object is in the cell (row, column) of a 3 x 3 grid with column = "
+            "min(2, floor(3 * (2x + w) / (2 * image_size))) and row likewise with y and h; "
+            "cells in row-major order are the 'locations' list."
+        ),
         "relation_rule": (
             "A is 'left of' B when centre_x(B) - centre_x(A) >= relation_margin_px; 'right of' "
             "when centre_x(A) - centre_x(B) >= margin; 'above' when centre_y(B) - centre_y(A) >= "

