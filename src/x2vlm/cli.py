@@ -62,6 +62,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
+    """Zero-shot or fine-tuned retrieval recalls of a model directory on a Karpathy-style file."""
+    import json
+
+    import torch
+
+    from x2vlm.checkpoint import from_pretrained
+    from x2vlm.tasks.retrieval import evaluate_retrieval, load_retrieval_split
+    from x2vlm.tokenizer import WordPieceTokenizer
+
+    torch.manual_seed(0)
+    model = from_pretrained(args.checkpoint)
+    tokenizer = WordPieceTokenizer.from_name_or_path(args.checkpoint if (Path(args.checkpoint) / "vocab.txt").exists() else model.cfg.tokenizer)
+    split = load_retrieval_split(args.data, args.image_root, model.cfg.image_res, tokenizer, args.max_tokens,
+                                 frame_len=model.cfg.frame_len if args.video else 0)
+    results = evaluate_retrieval(model, split.pixels, split.text_ids, split.text_mask, split.img2txt, split.txt2img,
+                                 k_test=args.k_test, itm="itm" in model.cfg.heads)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2vlm", description="X²-VLM: pre-training, fine-tuning, evaluation and inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optimizer.lr=3e-4 (repeatable)")
     p.add_argument("--resume", help="checkpoint directory (or run directory: its latest checkpoint) to continue from exactly")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate-retrieval", help="retrieval recalls (ITC, ITM re-ranked, ITM+ITC) of a model directory")
+    p.add_argument("--checkpoint", required=True, help="an x2vlm model directory")
+    p.add_argument("--data", required=True, help="Karpathy-style evaluation json ([{image, caption: [...]}])")
+    p.add_argument("--image-root", required=True, help="folder the image (or video) paths are relative to")
+    p.add_argument("--k-test", type=int, default=16, help="candidates re-ranked by ITM per query")
+    p.add_argument("--max-tokens", type=int, default=30)
+    p.add_argument("--video", action="store_true", help="the items are videos (MSR-VTT style, key 'video')")
+    p.add_argument("--out", help="write the metrics json here")
+    p.set_defaults(func=cmd_evaluate_retrieval)
 
     from x2vlm.world import add_world_commands
 

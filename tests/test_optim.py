@@ -1,0 +1,51 @@
+"""Parameter groups and the learning-rate schedule."""
+
+import pytest
+import torch
+
+from x2vlm.config import preset
+from x2vlm.models.x2vlm import X2VLM
+from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, lr_multiplier, parameter_groups
+
+
+def groups_by_name(groups):
+    return {g["name"]: g for g in groups}
+
+
+def test_decay_rules_are_explicit():
+    model = X2VLM(preset("x2vlm-tiny"))
+    groups = groups_by_name(parameter_groups(model, OptimizerConfig(lr=1e-4, weight_decay=0.01)))
+    no_decay = set(groups["base_no_decay"]["param_names"])
+    decay = set(groups["base"]["param_names"])
+    # vectors and lookup tables are not decayed (the official substring rule decayed gamma, temp, cls_token)
+    for name in ("temp", "vision_encoder.blocks.0.gamma_1", "vision_encoder.blocks.0.attn.q_bias",
+                 "vision_encoder.blocks.0.attn.relative_position_bias_table", "vision_encoder.cls_token",
+                 "itm_head.1.weight", "text_encoder.embeddings.position_embeddings.weight", "absolute_frame_pos_embed"):
+        assert name in no_decay, name
+    for name in ("vision_encoder.blocks.0.attn.qkv.weight", "text_encoder.embeddings.word_embeddings.weight", "itm_head.0.weight"):
+        assert name in decay, name
+    assert groups["base"]["weight_decay"] == 0.01 and groups["base_no_decay"]["weight_decay"] == 0.0
+
+
+def test_learning_rates_per_module_and_for_new_parameters():
+    model = X2VLM(preset("x2vlm-tiny"))
+    cfg = OptimizerConfig(lr=1e-4, lr_mult=2.0, vision_lr=2e-5, text_lr=4e-5)
+    new = ["itm_head.0.weight", "text_encoder.encoder.layer.5.crossattention.self.query.weight"]
+    groups = groups_by_name(parameter_groups(model, cfg, new))
+    assert groups["vision"]["lr"] == 2e-5 and groups["text"]["lr"] == 4e-5
+    assert groups["new"]["lr"] == 2e-4 and groups["new"]["param_names"] == ["itm_head.0.weight"]
+    # an encoder parameter follows its module's rate even when new (the official precedence)
+    assert "text_encoder.encoder.layer.5.crossattention.self.query.weight" in groups["text"]["param_names"]
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == sum(1 for _ in model.parameters())
+    assert isinstance(build_optimizer(model, cfg, new), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("warmup", [10, 0.1])
+def test_linear_warmup_then_linear_decay_to_min_rate(warmup):
+    cfg = ScheduleConfig(warmup=warmup, min_rate=0.1)
+    values = [lr_multiplier(step, 100, cfg) for step in range(101)]
+    assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
+    assert values[55] == pytest.approx(1.0 - 0.9 * 0.5)  # halfway through the decay
+    assert values[100] == pytest.approx(0.1) and min(values[10:]) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # never above 1 after warm-up
