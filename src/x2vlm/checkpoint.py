@@ -336,17 +336,30 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_pretrained(model: X2VLM, directory: str | Path, tokenizer_files: Mapping[str, str | Path] | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (atomically), plus tokenizer files if given."""
+def save_pretrained(
+    model: X2VLM,
+    directory: str | Path,
+    tokenizer_files: Mapping[str, str | Path] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (atomically), plus tokenizer files if given.
+    ``state``: the full state dict when the model itself is sharded (see ``full_state_dict``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "x2vlm_task": model.cfg.task}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: model.cfg.save(tmp))
     for name, src in (tokenizer_files or {}).items():
         data = Path(src).read_bytes()
         _atomic_write(directory / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     return directory
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copy of the weights; a collective under FSDP (every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> X2VLM:

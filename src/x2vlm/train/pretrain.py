@@ -260,19 +260,21 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     model, new_params = build_model(cfg)
     model.to(dist_info.device)
     tokenizer = WordPieceTokenizer.from_name_or_path(model.cfg.tokenizer)
-    optimizer = build_optimizer(model, cfg.optimizer, new_params)
-    scheduler = build_scheduler(optimizer, cfg.steps, cfg.schedule)
-    start_step, data_states, rng = 0, {}, None
+    start_step, data_states, rng, state = 0, {}, None, None
     resume_dir = Path(resume) if resume else latest_checkpoint(out_dir)
     if resume_dir is not None:
         if resume_dir.name == "checkpoints" or (resume_dir / "checkpoints").exists():
             resume_dir = latest_checkpoint(resume_dir.parent if resume_dir.name == "checkpoints" else resume_dir)
-        state = load_training_checkpoint(resume_dir, model, dist_info)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_training_checkpoint(resume_dir, model, dist_info)  # weights before sharding
         start_step, data_states, rng = state["step"], state["data"], state["rng"]
-        log.info("resumed from %s at step %d", resume_dir, start_step)
+        log.info("resuming from %s at step %d", resume_dir, start_step)
+    # Shard/wrap first: FSDP replaces the parameters, so the optimizer is built on the result.
     objective = wrap_parallel(PretrainObjective(model, cfg.sources), cfg, dist_info)
+    optimizer = build_optimizer(model, cfg.optimizer, new_params)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.schedule)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])  # each rank its own (sharded under FSDP)
+        scheduler.load_state_dict(state["scheduler"])
     loaders = {
         name: PretrainLoader(source, model.cfg, tokenizer, dist_info.rank, dist_info.world_size, cfg.seed, cfg.num_workers, state=data_states.get(name))
         for name, source in cfg.sources.items()
@@ -315,6 +317,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
                 f"step {step}: non-finite loss {totals}; batch sources: {sources_seen[:20]}"
                 f"{' ...' if len(sources_seen) > 20 else ''}; last good checkpoint: {good}"
             )
+        if cfg.parallel == "fsdp" and dist_info.distributed:
+            average_replicated_grads([model.temp])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         optimizer.step()
         scheduler.step()
@@ -329,7 +333,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
                 "loss": total,
                 **{f"loss_{k}": v for k, v in totals.items()},
                 "lr": optimizer.param_groups[0]["lr"],
-                "temp": model.temp.item(),
+                "temp": _scalar(model.temp),
                 "grad_norm": float(grad_norm),
                 "samples_per_s": samples_per_step / step_time,
                 "step_time_s": step_time,
@@ -353,6 +357,11 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     return last
 
 
+def _scalar(value: torch.Tensor) -> float:
+    full = value.full_tensor() if hasattr(value, "full_tensor") else value
+    return float(full.detach())
+
+
 def _forward_backward(objective, batches, generator, compute_itm: bool, accumulate: int) -> dict[str, float]:
     total, losses = objective(batches, generator, compute_itm)
     (total / accumulate).backward()
@@ -372,6 +381,13 @@ class _no_sync:
         return self.ctx.__exit__(*exc) if self.ctx else False
 
 
+def average_replicated_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of parameters FSDP leaves unsharded (every rank holds a full copy)."""
+    for param in params:
+        if param.grad is not None:
+            param.grad.copy_(all_reduce_sum(param.grad) / torch.distributed.get_world_size())
+
+
 def wrap_parallel(objective: PretrainObjective, cfg: PretrainConfig, dist_info: DistInfo) -> torch.nn.Module:
     """DDP (default) or FSDP2 (``fully_shard`` per transformer block, then the root)."""
     if not dist_info.distributed:
@@ -384,7 +400,9 @@ def wrap_parallel(objective: PretrainObjective, cfg: PretrainConfig, dist_info: 
             fully_shard(block)
         for layer in model.text_encoder.encoder.layer:
             fully_shard(layer)
-        fully_shard(objective)
+        # FSDP cannot shard a 0-dim parameter: the temperature stays replicated and its gradient is
+        # averaged by ``average_replicated_grads`` after each backward.
+        fully_shard(objective, ignored_params={model.temp})
         return objective
     if cfg.parallel != "ddp":
         raise ValueError(f"config field 'parallel': unknown value {cfg.parallel!r} (ddp, fsdp)")

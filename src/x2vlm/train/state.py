@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from x2vlm.checkpoint import _atomic_write, check_and_load, save_pretrained, WEIGHTS_NAME
+from x2vlm.checkpoint import WEIGHTS_NAME, _atomic_write, check_and_load, full_state_dict, save_pretrained
 from x2vlm.train.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,11 @@ def save_training_checkpoint(
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     staging = root / f".staging_step_{step:08d}"
+    weights = full_state_dict(model)  # every rank takes part (FSDP gathers the shards)
     if dist_info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_pretrained(model, staging)
+        save_pretrained(model, staging, state=weights)
         if run_config_text:
             (staging / "run.yaml").write_text(run_config_text)
     barrier()
