@@ -4,7 +4,8 @@
 
 Prints images/s (vision encoder), texts/s (text encoder) and image-text pairs/s (vision + text +
 fusion + ITM head), each the median of ``--repeats`` timed runs after one warm-up, with min/max.
-Random weights: throughput does not depend on their values.
+Random weights: throughput does not depend on their values. If bf16 matmul is much slower than
+fp32 on this machine (a CPU without AMX or AVX512-BF16), bf16 is skipped unless --force-bf16.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import torch
 
 from x2vlm import X2VLM, preset
+from x2vlm.train.metrics import measure_matmul_peak
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--force-bf16", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,8 +64,14 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     print(f"preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), image_res {cfg.image_res}, "
           f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, commit {commit}")
+    peaks = {p: measure_matmul_peak(torch.device("cpu"), p, size=1024) for p in ("fp32", "bf16")}
+    print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
+    precisions = ["fp32", "bf16"]
+    if peaks["bf16"] < 0.5 * peaks["fp32"] and not args.force_bf16:
+        print(f"bf16 matmul runs at {peaks['bf16'] / 1e9:.1f} GFLOP/s here (no bf16 matrix units): skipping bf16 (--force-bf16 runs it)")
+        precisions = ["fp32"]
     print(f"{'precision':10s} {'workload':28s} {'items/s (median)':>17s} {'min':>8s} {'max':>8s}")
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
         for name, fn, count in (
             (f"images ({args.image_batch}x{cfg.image_res}px)", vision, args.image_batch),

@@ -104,6 +104,8 @@ class SourceConfig:
     skipgram_prb: float = 0.2
     skipgram_size: int = 3
     careful_hflip: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random-resized-crop area range (official pre-training)
+    randaugment: bool = True  # RandAugment N=2, M=7 (official); off keeps colours exact
     frame_len: int | None = None
     combine_continuous_clips: bool = True
     min_frames_before_sampling: int = 8
@@ -126,6 +128,9 @@ class SourceConfig:
         self.image_key = self.image_key or default_image_key
         self.caption_key = self.caption_key or default_caption_key
         self.name = self.name or self.kind
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"source field 'crop_scale': {self.crop_scale} is not 0 < low <= high <= 1")
         if self.kind == "region_text" and self.caption_key != "caption":
             raise ValueError("source field 'caption_key': region-text lines use 'caption' (spec §3.3.4)")
         if self.image_root is not None:

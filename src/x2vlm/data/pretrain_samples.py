@@ -156,8 +156,8 @@ class SampleDecoder:
         self.vocab = tokenizer.vocab
         self.special_ids = frozenset(tokenizer.special_ids)
         self.masking = source.masking
-        self.image_transform = PretrainImageTransform(self.res)
-        self.box_transform = BoxTransform(self.res)
+        self.image_transform = PretrainImageTransform(self.res, scale=source.crop_scale, randaug=source.randaugment)
+        self.box_transform = BoxTransform(self.res, randaug=source.randaugment)
 
     def __call__(self, raw: RawSample, rng: np.random.Generator) -> Sample | RegionSample:
         record, blobs = self._record(raw)

@@ -74,10 +74,12 @@ class AttentionProjections(nn.Module):
         self.value = nn.Linear(kv_width, hidden)
 
 
-class AttentionOutput(nn.Module):
-    def __init__(self, cfg: TextConfig, drop_path: float):
+class ResidualOutput(nn.Module):
+    """``LayerNorm(drop_path(dropout(dense(x))) + residual)``: the output of every BERT sub-block."""
+
+    def __init__(self, cfg: TextConfig, in_width: int, drop_path: float):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.drop_path = DropPath(drop_path)
@@ -94,7 +96,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.dropout_p = cfg.attention_dropout
         self.self = AttentionProjections(cfg.hidden_size, kv_width)  # official key: attention.self.query
-        self.output = AttentionOutput(cfg, drop_path)
+        self.output = ResidualOutput(cfg, cfg.hidden_size, drop_path)
 
     def forward(self, hidden: torch.Tensor, kv_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         proj = self.self
@@ -117,18 +119,6 @@ class Intermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class FeedForwardOutput(nn.Module):
-    def __init__(self, cfg: TextConfig, drop_path: float):
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.drop_path(self.dropout(self.dense(x))) + residual)
-
-
 class TextLayer(nn.Module):
     """Self-attention, optional cross-attention to vision tokens, feed-forward; each post-LN."""
 
@@ -137,7 +127,7 @@ class TextLayer(nn.Module):
         self.attention = MultiHeadAttention(cfg, cfg.hidden_size, drop_path)
         self.crossattention = MultiHeadAttention(cfg, cross_width, drop_path) if cross_width else None
         self.intermediate = Intermediate(cfg)
-        self.output = FeedForwardOutput(cfg, drop_path)
+        self.output = ResidualOutput(cfg, cfg.intermediate_size, drop_path)
 
     def forward(
         self,
