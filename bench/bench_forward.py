@@ -76,7 +76,7 @@ def main() -> None:
         for name, fn, count in (
             (f"images ({args.image_batch}x{cfg.image_res}px)", vision, args.image_batch),
             (f"texts ({args.text_batch}x{args.text_len} tokens)", text, args.text_batch),
-            (f"image-text pairs, ITM", pairs, args.image_batch),
+            ("image-text pairs, ITM", pairs, args.image_batch),
         ):
             with torch.inference_mode(), ctx:
                 times = timed(fn, args.repeats)

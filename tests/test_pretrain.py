@@ -1,7 +1,6 @@
 """Pre-training loop: configs, DDP equivalence, exact resume after SIGKILL, safe checkpoints, guards."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from test_pretrain_data import image_text_records, region_record, write_jsonl, write_video
 

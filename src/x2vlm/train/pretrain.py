@@ -9,7 +9,6 @@ The same command runs in one process or under ``torchrun`` (DDP; FSDP with ``par
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
