@@ -9,9 +9,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 # Which heads each official model class carries. The task decides the modules and the official
 # state-dict layout (``text_encoder.bert.*`` + ``text_encoder.cls.*`` exactly when there is an MLM head).
@@ -299,18 +302,20 @@ def from_official_yaml(data: dict[str, Any], task: str | None = None) -> X2VLMCo
 
 
 # -- YAML ------------------------------------------------------------------------------------------
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 only accepts ``3.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(text: str):
-    """``yaml.safe_load`` that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
-    import re
-
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-        list("-+0123456789."),
-    )
-    return yaml.load(text, Loader=_Loader)
+    """Parse YAML safely, with ``3e-4``-style floats."""
+    return yaml.load(text, Loader=_YamlLoader)

@@ -16,7 +16,7 @@ from x2vlm.world import vocabulary as vocab
 
 
 class ParseError(ValueError):
-    pass
+    """A sentence the checker's grammar does not cover."""
 
 
 @dataclass(frozen=True)
