@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from x2vlm.world import vocabulary as vocab
 from x2vlm.world.captions import phrase_for, pick
 from x2vlm.world.language import english_noun_phrase, sentence_case
 from x2vlm.world.questions import attribute_filters, definite, names_held_out
@@ -84,28 +83,21 @@ def vertical_statements(side: str, index: SceneIndex) -> list[StatementCandidate
     """"In the left image, the red circle is above the blue square." Only above/below are used,
     so a horizontal flip of either image never changes a label."""
     candidates = []
-    for subject in index.objects:
-        subject_sets = index.unique_attribute_sets(subject)
-        for reference in index.objects:
-            reference_sets = index.unique_attribute_sets(reference)
-            if subject.id == reference.id or not subject_sets or not reference_sets:
+    for subject, subject_sets, reference, reference_sets, held in index.describable_pairs():
+        for relation, opposite in (("above", "below"), ("below", "above")):
+            if index.holds(subject, relation, reference):
+                label = True
+            elif index.holds(subject, opposite, reference):
+                label = False
+            else:
                 continue
-            held = (vocab.is_held_out(subject.color, subject.shape)
-                    or vocab.is_held_out(reference.color, reference.shape))
-            for relation, opposite in (("above", "below"), ("below", "above")):
-                if index.holds(subject, relation, reference):
-                    label = True
-                elif index.holds(subject, opposite, reference):
-                    label = False
-                else:
-                    continue
 
-                def build(rng, subject=subject, reference=reference, relation=relation,
-                          subject_sets=subject_sets, reference_sets=reference_sets):
-                    subject_text = english_noun_phrase(definite(subject, pick(rng, subject_sets)))
-                    reference_text = english_noun_phrase(definite(reference, pick(rng, reference_sets)))
-                    return f"in the {side} image, {subject_text} is {relation} {reference_text}"
-                candidates.append(StatementCandidate("vertical", label, held, build))
+            def build(rng, subject=subject, reference=reference, relation=relation,
+                      subject_sets=subject_sets, reference_sets=reference_sets):
+                subject_text = english_noun_phrase(definite(subject, pick(rng, subject_sets)))
+                reference_text = english_noun_phrase(definite(reference, pick(rng, reference_sets)))
+                return f"in the {side} image, {subject_text} is {relation} {reference_text}"
+            candidates.append(StatementCandidate("vertical", label, held, build))
     return candidates
 
 

@@ -167,29 +167,22 @@ OPPOSITE_RELATIONS: dict[str, str] = {
 def relation_questions(index: SceneIndex) -> list[Candidate]:
     """Yes when the relation holds; no only when the opposite relation clearly holds."""
     candidates = []
-    for subject in index.objects:
-        subject_sets = index.unique_attribute_sets(subject)
-        for reference in index.objects:
-            reference_sets = index.unique_attribute_sets(reference)
-            if subject.id == reference.id or not subject_sets or not reference_sets:
+    for subject, subject_sets, reference, reference_sets, held in index.describable_pairs():
+        for relation in vocab.RELATIONS:
+            if index.holds(subject, relation, reference):
+                answer = "yes"
+            elif index.holds(subject, OPPOSITE_RELATIONS[relation], reference):
+                answer = "no"
+            else:
                 continue
-            held = (vocab.is_held_out(subject.color, subject.shape)
-                    or vocab.is_held_out(reference.color, reference.shape))
-            for relation in vocab.RELATIONS:
-                if index.holds(subject, relation, reference):
-                    answer = "yes"
-                elif index.holds(subject, OPPOSITE_RELATIONS[relation], reference):
-                    answer = "no"
-                else:
-                    continue
 
-                def build(rng, subject=subject, reference=reference, relation=relation,
-                          subject_sets=subject_sets, reference_sets=reference_sets):
-                    subject_text = english_noun_phrase(definite(subject, pick(rng, subject_sets)))
-                    reference_text = english_noun_phrase(definite(reference, pick(rng, reference_sets)))
-                    return sentence_case(
-                        f"is {subject_text} {vocab.RELATION_PHRASES[relation]} {reference_text}", "?")
-                candidates.append(Candidate("relation", answer, held, build))
+            def build(rng, subject=subject, reference=reference, relation=relation,
+                      subject_sets=subject_sets, reference_sets=reference_sets):
+                subject_text = english_noun_phrase(definite(subject, pick(rng, subject_sets)))
+                reference_text = english_noun_phrase(definite(reference, pick(rng, reference_sets)))
+                return sentence_case(
+                    f"is {subject_text} {vocab.RELATION_PHRASES[relation]} {reference_text}", "?")
+            candidates.append(Candidate("relation", answer, held, build))
     return candidates
 
 

@@ -376,6 +376,20 @@ class SceneIndex:
             ]
         return self._unique_sets[key]
 
+    def describable_pairs(self):
+        """Ordered pairs of distinct objects that both have a unique description:
+        ``(subject, subject_sets, reference, reference_sets, held_out)``, where ``held_out`` says
+        whether either object is a held-out colour-shape pair."""
+        for subject in self.objects:
+            subject_sets = self.unique_attribute_sets(subject)
+            for reference in self.objects:
+                reference_sets = self.unique_attribute_sets(reference)
+                if subject.id == reference.id or not subject_sets or not reference_sets:
+                    continue
+                held = (vocab.is_held_out(subject.color, subject.shape)
+                        or vocab.is_held_out(reference.color, reference.shape))
+                yield subject, subject_sets, reference, reference_sets, held
+
     def relational_descriptions(self, obj: SceneObject, head_allowed: tuple[str, ...]):
         """(head attribute names, relation, reference object) such that exactly ``obj``
         matches the head attributes and stands in the relation to the reference, and the
