@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_pretrain_data import image_text_records, region_record, write_jsonl, write_video
 
@@ -201,3 +202,30 @@ def test_fsdp_on_two_cpu_ranks_trains_and_writes_a_full_checkpoint(tmp_path, dat
     model = from_pretrained(S.latest_checkpoint(out))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert (S.latest_checkpoint(out) / "train_state_rank1.pt").exists()
+
+
+def test_text_tower_stays_fixed_while_frozen_and_trains_after(tmp_path, data_dir):
+    from safetensors.torch import load_file
+
+    from x2vlm.config import preset
+    from x2vlm.models.x2vlm import X2VLM
+
+    out = tmp_path / "run"
+    cfg = run_config(data_dir, out, steps=4, ckpt_every=2, keep_last=3, text_tower_frozen_steps=2, precision="fp32")
+    cfg["init"] = "scratch"
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "c.yaml", cfg)))
+    start = X2VLM(preset("x2vlm-tiny", task="pretrain", tokenizer=TINY_VOCAB))
+    start.load_state_dict(load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors")))
+    tower = {n for n, _ in start.named_parameters() if n.startswith(("text_encoder.embeddings.", "text_proj."))}
+    tower |= {n for n, _ in start.named_parameters() if any(n.startswith(f"text_encoder.encoder.layer.{i}.") for i in range(start.num_text_layers))}
+    assert tower and len([p for p in P.text_tower_parameters(start)]) == len(tower)
+    first = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    last = load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors"))
+    # the random init is seeded, so a fresh scratch run reproduces step 0: frozen weights equal it
+    torch.manual_seed(cfg.get("seed", 42))
+    init = X2VLM(preset("x2vlm-tiny", task="pretrain", tokenizer=TINY_VOCAB)).state_dict()
+    for name in tower:
+        assert torch.equal(first[name], init[name]), f"{name} moved while frozen"
+    assert any(not torch.equal(first[n], last[n]) for n in tower), "text tower never trained after the frozen steps"
+    fusion = f"text_encoder.encoder.layer.{start.num_text_layers}.crossattention.self.query.weight"
+    assert not torch.equal(first[fusion], init[fusion]), "fusion layers must train while the tower is frozen"

@@ -5,7 +5,7 @@ probability of their first token, then the full-sequence likelihood. The officia
 first-token log-probability to a sequence NLL that already contains it; ``double_count_first_token``
 (default on) keeps that so released checkpoints reproduce their predictions.
 
-``beam_search`` / ``greedy_caption`` generate with the captioning MLM head: each step feeds the
+``beam_search`` / ``greedy_caption`` / ``sample_captions`` generate with the captioning MLM head: each step feeds the
 last token and a ``[MASK]``; the ``[MASK]`` output predicts the next token; every layer's inputs of
 earlier positions are cached so keys and values are computed over history + current tokens.
 """
@@ -208,6 +208,28 @@ def greedy_caption(
     model: X2VLM, vision_embeds: torch.Tensor, vision_mask: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int, min_length: int = 0
 ) -> list[list[int]]:
     """Greedy decoding with the same incremental stack; stops a row at [SEP]."""
+    outputs, _ = _decode_one_path(model, vision_embeds, vision_mask, prompt_ids, max_new_tokens, min_length, generator=None)
+    return outputs
+
+
+@torch.no_grad()
+def sample_captions(
+    model: X2VLM,
+    vision_embeds: torch.Tensor,
+    vision_mask: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    min_length: int = 0,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Multinomial sampling (SCST): token ids per row (ending with [SEP] if produced) and the summed
+    log-probability of each row's tokens. Uniforms come from ``generator`` (CPU), so the draw does not
+    depend on the device."""
+    return _decode_one_path(model, vision_embeds, vision_mask, prompt_ids, max_new_tokens, min_length, generator)
+
+
+def _decode_one_path(model, vision_embeds, vision_mask, prompt_ids, max_new_tokens, min_length, generator):
+    """One token per step (argmax, or sampled when ``generator`` is given); a row stops at [SEP]."""
     cfg = model.cfg.text
     batch, device = vision_embeds.shape[0], vision_embeds.device
     prompt = prompt_ids.to(device).view(1, -1).expand(batch, -1)
@@ -215,12 +237,19 @@ def greedy_caption(
     current = torch.cat([prompt, prompt.new_full((batch, 1), cfg.mask_token_id)], dim=1)
     positions = torch.arange(prompt.shape[1] + 1, device=device)
     outputs: list[list[int]] = [[] for _ in range(batch)]
+    total_log_prob = torch.zeros(batch, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         log_probs = _next_token_log_probs(model, stack.step(current, positions))
         if step + 1 <= min_length:
             log_probs[:, cfg.sep_token_id] = BLOCKED
-        token = log_probs.argmax(dim=-1)
+        if generator is None:
+            token = log_probs.argmax(dim=-1)
+        else:
+            uniform = torch.rand(batch, 1, generator=generator).to(device)
+            cdf = log_probs.softmax(dim=-1).cumsum(dim=-1)
+            token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1).clamp(max=log_probs.shape[1] - 1)
+        total_log_prob += torch.where(done, 0.0, log_probs.gather(1, token.view(-1, 1)).squeeze(1))
         for row in torch.nonzero(~done).flatten().tolist():
             outputs[row].append(int(token[row]))
         done |= token.eq(cfg.sep_token_id)
@@ -230,4 +259,4 @@ def greedy_caption(
         next_pos = prompt.shape[1] + step + 1
         current = torch.cat([token.view(-1, 1), token.new_full((batch, 1), cfg.mask_token_id)], dim=1)
         positions = torch.arange(next_pos - 1, next_pos + 1, device=device)
-    return outputs
+    return outputs, total_log_prob

@@ -109,8 +109,11 @@ def sample_hard_negatives(
         positives = ids.view(-1, 1).eq(ids.view(1, -1))
     weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positives, 0)
     weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positives.t(), 0)
-    image_neg = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
-    text_neg = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    device = sim.device
+    if generator is not None and generator.device != device:  # e.g. a CPU generator, CUDA features
+        weights_i2t, weights_t2i = weights_i2t.to(generator.device), weights_t2i.to(generator.device)
+    image_neg = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1).to(device)
+    text_neg = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1).to(device)
     return image_neg, text_neg
 
 

@@ -7,8 +7,9 @@ skip-gram spans and whole-word extension, then corrupt them 80 % ``[MASK]`` / 10
 
 Deliberate differences from the official code (spec §6.9), everything else is kept:
 
-* ``[SEP]`` (and any other special token, e.g. padding) is never a candidate position; ``n_pred`` is
-  therefore also capped by the number of candidates.
+* ``[SEP]`` (and any other special token, e.g. padding) is never a candidate position unless the
+  caller allows it (``maskable_ids``; captioning does, as the official caption masking); ``n_pred``
+  is therefore also capped by the number of candidates.
 * Random replacement tokens are drawn uniformly from the *non-special* vocabulary only (the caller
   passes the excluded ids: ``[PAD]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, ``[UNK]``, ``[unused*]``;
   ``special_ids_from_vocab`` builds that set from a vocabulary).
@@ -85,12 +86,15 @@ def mask_tokens(
     special_ids: Iterable[int],
     mask_id: int,
     num_protected: int = 0,
+    maskable_ids: Iterable[int] = (),
 ) -> tuple[list[int], list[int], list[int]]:
     """Corrupt one *unpadded* ``[CLS] ... [SEP]`` sequence for MLM.
 
     ``tokens`` are the WordPiece strings of ``token_ids`` (same length; used for ``##`` whole-word
     extension). ``special_ids`` are never masked and never used as replacements; ``mask_id`` is added
     to them. Position 0 and the next ``num_protected`` positions (a captioning prompt) are never masked.
+    ``maskable_ids`` are special ids that may still be chosen as positions (never as replacements):
+    captioning passes ``[SEP]``, the end of the caption the model has to learn to predict.
 
     Returns ``(masked_ids, masked_positions, original_ids)``: the corrupted copy of ``token_ids``, the
     chosen positions in increasing order, and the original ids at those positions (the MLM labels).
@@ -104,7 +108,8 @@ def mask_tokens(
     if len({i for i in excluded if 0 <= i < vocab_size}) >= vocab_size:
         raise ValueError("every vocabulary id is excluded; no replacement token can be drawn")
 
-    candidates = [p for p in range(1 + num_protected, n) if int(token_ids[p]) not in excluded]
+    not_candidates = excluded - {int(i) for i in maskable_ids}
+    candidates = [p for p in range(1 + num_protected, n) if int(token_ids[p]) not in not_candidates]
     masked = [int(i) for i in token_ids]
     if not candidates:
         return masked, [], []

@@ -11,6 +11,8 @@ Sub-module names are the Hugging Face BERT names (``embeddings``, ``encoder.laye
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,14 +100,24 @@ class MultiHeadAttention(nn.Module):
         self.self = AttentionProjections(cfg.hidden_size, kv_width)  # official key: attention.self.query
         self.output = ResidualOutput(cfg, cfg.hidden_size, drop_path)
 
-    def forward(self, hidden: torch.Tensor, kv_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        proj = self.self
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def project_kv(self, kv_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, heads, N, d) of ``kv_input``, as ``forward`` computes them."""
+        return self._heads(self.self.key(kv_input)), self._heads(self.self.value(kv_input))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        kv_input: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``kv``: keys and values from ``project_kv`` computed beforehand (``kv_input`` is then unused)."""
         batch, length, width = hidden.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
-
-        q, k, v = heads(proj.query(hidden)), heads(proj.key(kv_input)), heads(proj.value(kv_input))
+        q = self._heads(self.self.query(hidden))
+        k, v = kv if kv is not None else self.project_kv(kv_input)
         out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
         return self.output(out.transpose(1, 2).reshape(batch, length, width), hidden)
 
@@ -136,14 +148,54 @@ class TextLayer(nn.Module):
         vision_states: torch.Tensor | None = None,
         cross_bias: torch.Tensor | None = None,
         history: torch.Tensor | None = None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # ``history``: this layer's inputs at earlier positions (incremental decoding); keys and
-        # values are computed over history + current tokens.
+        # values are computed over history + current tokens. ``cross_kv``: this layer's
+        # cross-attention keys/values of the vision tokens, precomputed (``vision_states`` unused).
         kv_input = hidden if history is None else torch.cat([history, hidden], dim=1)
         hidden = self.attention(hidden, kv_input, self_bias)
-        if self.crossattention is not None and vision_states is not None:
-            hidden = self.crossattention(hidden, vision_states, cross_bias)
+        if self.crossattention is not None and (vision_states is not None or cross_kv is not None):
+            hidden = self.crossattention(hidden, vision_states, cross_bias, kv=cross_kv)
         return self.output(self.intermediate(hidden), hidden)
+
+
+@dataclass
+class CrossKV:
+    """Cross-attention keys and values of a set of vision inputs, one pair per fusion layer.
+
+    They depend only on the vision tokens, so a retrieval re-ranker computes them once per image and
+    reuses them for every text paired with it. ``rows`` picks, for each row of a text batch, the
+    vision input it attends to (``None``: row ``b`` uses input ``b``); the gather happens one layer
+    at a time, so only one layer's selection is ever materialised.
+    """
+
+    keys: list[torch.Tensor]  # per fusion layer: (I, heads, N, d)
+    values: list[torch.Tensor]
+    rows: torch.Tensor | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_inputs if self.rows is None else len(self.rows)
+
+    def select(self, rows: torch.Tensor) -> CrossKV:
+        """The same cache, seen by a batch whose row ``b`` attends to input ``rows[b]``."""
+        rows = rows.to(self.keys[0].device)
+        return CrossKV(self.keys, self.values, rows if self.rows is None else self.rows[rows])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key, value = self.keys[index], self.values[index]
+        if self.rows is None:
+            return key, value
+        return key[self.rows], value[self.rows]
 
 
 class LayerStack(nn.Module):
@@ -205,27 +257,50 @@ class TextTransformer(nn.Module):
         vision_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         history: list[torch.Tensor] | None = None,
+        cross_kv: CrossKV | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Layers ``[start, end)``: the last states, and (if asked, or with ``history``) the input of
         the first layer followed by every layer's output; otherwise an empty list.
 
         With ``history`` (one tensor per layer in the range: the cached inputs of earlier positions),
-        ``mask`` must be the (B, L_current, L_history + L_current) 0/1 matrix.
+        ``mask`` must be the (B, L_current, L_history + L_current) 0/1 matrix. With ``cross_kv``
+        (from ``cross_kv`` over the same range) the cross-attention uses those keys/values instead of
+        projecting ``vision_states``; ``vision_mask`` (one row per text row) still applies.
         """
+        if cross_kv is not None and vision_states is not None:
+            raise ValueError("run_layers: give vision_states or cross_kv, not both")
         self_bias = self.self_attention_bias(mask)
         cross_bias = None
-        if vision_states is not None:
+        if vision_states is not None or cross_kv is not None:
             if vision_mask is None:
-                vision_mask = torch.ones(vision_states.shape[:2], dtype=torch.long, device=vision_states.device)
+                shape = vision_states.shape[:2] if cross_kv is None else (cross_kv.batch_size, cross_kv.num_tokens)
+                vision_mask = torch.ones(shape, dtype=torch.long, device=hidden.device)
             cross_bias = padding_bias(vision_mask, CROSS_ATTENTION_MASK_VALUE)
         keep = output_hidden_states or history is not None
         states = [hidden] if keep else []
+        cross_index = 0
         for offset, layer in enumerate(self.encoder.layer[start:end]):
             past = history[offset] if history is not None else None
-            hidden = layer(hidden, self_bias, vision_states, cross_bias, past)
+            layer_kv = None
+            if cross_kv is not None and layer.crossattention is not None:
+                layer_kv = cross_kv.layer(cross_index)
+                cross_index += 1
+            hidden = layer(hidden, self_bias, vision_states, cross_bias, past, layer_kv)
             if keep:
                 states.append(hidden)
         return hidden, states
+
+    def cross_kv(self, vision_states: torch.Tensor, start: int, end: int) -> CrossKV:
+        """The cross-attention keys/values of ``vision_states`` for the layers ``[start, end)``."""
+        keys, values = [], []
+        for layer in self.encoder.layer[start:end]:
+            if layer.crossattention is not None:
+                key, value = layer.crossattention.project_kv(vision_states)
+                keys.append(key)
+                values.append(value)
+        if not keys:
+            raise ValueError(f"layers [{start}, {end}) have no cross-attention")
+        return CrossKV(keys, values)
 
     def forward(
         self,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2vlm.config import X2VLMConfig
-from x2vlm.models.bert import MLMHead, TextTransformer
 from x2vlm.models.beit import VisionTransformer
+from x2vlm.models.bert import CrossKV, MLMHead, TextTransformer
 from x2vlm.models.layers import build_mlp
 
 
@@ -127,23 +127,39 @@ class X2VLM(nn.Module):
         states, per_layer = enc.run_layers(hidden, mask, 0, self.num_text_layers, output_hidden_states=output_hidden_states)
         return (states, per_layer) if output_hidden_states else states
 
+    def _fusion_layers(self) -> tuple[TextTransformer, int, int]:
+        if self.cross_encoder is not None:
+            return self.cross_encoder, 0, self.cross_encoder.num_layers
+        return self.text_encoder, self.num_text_layers, self.text_encoder.num_layers
+
     def fuse(
         self,
         text_states: torch.Tensor,
         text_mask: torch.Tensor,
-        vision_embeds: torch.Tensor,
+        vision_embeds: torch.Tensor | None,
         vision_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        cross_kv: CrossKV | None = None,
     ):
-        """Fusion layers: text states cross-attend to vision tokens (restricted by ``vision_mask``)."""
-        if self.cross_encoder is not None:
-            enc, start, end = self.cross_encoder, 0, self.cross_encoder.num_layers
-        else:
-            enc, start, end = self.text_encoder, self.num_text_layers, self.text_encoder.num_layers
+        """Fusion layers: text states cross-attend to vision tokens (restricted by ``vision_mask``).
+
+        ``cross_kv`` (from ``cross_attention_kv``, usually ``.select``-ed per text row) replaces
+        ``vision_embeds``: the same result without projecting the vision tokens again. Without
+        either, cross-attention is skipped (text-only MLM)."""
+        if vision_embeds is not None and cross_kv is not None:
+            raise ValueError("fuse: give vision_embeds or cross_kv, not both")
+        enc, start, end = self._fusion_layers()
         states, per_layer = enc.run_layers(
-            text_states, text_mask, start, end, vision_embeds, vision_mask, output_hidden_states=output_hidden_states
+            text_states, text_mask, start, end, vision_embeds, vision_mask, output_hidden_states=output_hidden_states,
+            cross_kv=cross_kv,
         )
         return (states, per_layer) if output_hidden_states else states
+
+    def cross_attention_kv(self, vision_embeds: torch.Tensor) -> CrossKV:
+        """Every fusion layer's cross-attention keys/values of ``vision_embeds`` (B, 1+N, D), to be
+        reused by ``fuse(..., cross_kv=...)`` for many texts per image (retrieval re-ranking)."""
+        enc, start, end = self._fusion_layers()
+        return enc.cross_kv(vision_embeds, start, end)
 
     def encode_multimodal(
         self,

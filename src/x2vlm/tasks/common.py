@@ -55,6 +55,9 @@ class FinetuneTask:
     model_changes: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_labels": 1500}
     # Optional: write pictures of predictions on a few test items (called once, at the end).
     draw: Callable[[torch.nn.Module, Path, EvalContext], list[Path]] | None = None
+    # Parameters whose names start with these train at lr * lr_mult like newly initialised ones,
+    # even when the init loaded them (official VQA ``large_lr_for_dec``: the answer decoder).
+    lr_mult_prefixes: tuple[str, ...] = ()
 
 
 def check_keys(section: dict, known: set[str], where: str) -> None:

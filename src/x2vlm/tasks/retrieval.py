@@ -1,30 +1,106 @@
-"""Image-text (and video-text) retrieval evaluation with the official two-stage protocol.
+"""Image-text and video-text retrieval: fine-tuning (ITC + ITM) and the official two-stage evaluation
+(spec §4.1, MSR-VTT video retrieval at the end of §4.1).
 
-1. ITC: cosine similarity of every image with every text (every item encoded once).
+Evaluation:
+
+1. ITC: cosine similarity of every image with every text; every image and every text is encoded
+   once (the sets are split across ranks, each rank encodes its share, features are gathered).
 2. ITM: for each image the ``k_test`` most similar texts, and for each text the ``k_test`` most
    similar images, are re-scored by the ITM "match" logit; everything else scores -100.
 3. Recall@1/5/10 in both directions, their means, and ``r_mean`` (official ``itm_eval``).
 
-Unlike the official loop (one fusion forward per query), candidate pairs are scored in large
-batches, and a pair that is a candidate in both directions is scored once.
+Unlike the official loop (one fusion forward per query, every rank encoding the whole set, spec §6.29):
+
+* candidate pairs are scored in large batches, and a pair that is a candidate in both directions
+  is scored once;
+* the fusion layers' cross-attention keys/values of an image are computed once and reused for every
+  text paired with it (``X2VLM.cross_attention_kv``);
+* re-ranking is split across ranks by image: rank ``r`` scores the pairs of the images it encoded;
+* memory is bounded: images are re-ranked in blocks of ``max_cached_images`` (their embeddings and
+  cross-attention keys/values are all that is held); if a rank's share of images is larger than one
+  block, the first stage keeps only their ITC features and each block is encoded again for
+  re-ranking. Memory per cached image is about ``(1 + 2 * fusion_layers) * num_vision_tokens *
+  width`` floats. The text states of all texts and the I x T score matrices are held (as officially).
+
+Fine-tuning loss (``XVLMForRetrieval``): ITC with targets spread over every pair sharing an image id,
+plus ITM whose hard negatives (one image per text, one text per image, drawn for the whole batch at
+once) never share the id of the positive; ``temp`` is clamped to [0.001, 0.5] at every forward.
+
+Data section of the fine-tuning YAML::
+
+    train_files: [data/coco/coco_karpathy_train.json]   # [{image, caption, image_id}] (videos: key video)
+    val_file: data/coco/coco_karpathy_val.json          # [{image, caption: [...]}]
+    test_file: data/coco/coco_karpathy_test.json
+    image_root: data/coco/images                        # image (or video) paths are relative to it
+    video: false          # items are videos: model_cfg.frame_len frames, official sampling positions
+    max_tokens: 30        # words kept by pre_caption and tokens kept by the tokenizer
+    k_test: 128           # candidates re-ranked by ITM per query
+    crop_scale: [0.5, 1.0]
+    randaug: true
+    hflip: true           # true: flip unless the caption says left/right; swap: flip and swap the
+                          # words; false: never flip
+    index_key / vision_key / text_key   # JSON keys (defaults image_id|video_id, image|video, caption)
+    rerank_batch_size: 256              # candidate pairs per fusion forward
+    max_cached_images: 256              # images whose embeddings and K/V are held at once
+    selection_metric: r_mean            # e.g. img_r_mean for text-to-video (official --pick_best_t2v)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from x2vlm.config import X2VLMConfig
+from x2vlm.data.readers import read_karpathy_eval, read_karpathy_train
+from x2vlm.data.text import pre_caption
+from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform, swap_left_right
+from x2vlm.data.video import (
+    count_frames,
+    load_image,
+    read_video_frames,
+    sample_frame_indices,
+)
 from x2vlm.models.x2vlm import X2VLM
+from x2vlm.objectives import (
+    contrastive_loss,
+    matching_logits,
+    matching_loss,
+    sample_hard_negatives,
+)
+from x2vlm.tasks.common import (
+    EvalContext,
+    FinetuneTask,
+    check_keys,
+    gather_tensors,
+    shard_range,
+)
+from x2vlm.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
 
 NOT_A_CANDIDATE = -100.0
+DEFAULT_MAX_TOKENS = 30  # official pre_caption(max_words=30)
+DEFAULT_K_TEST = 128
+DEFAULT_RERANK_BATCH = 256
+DEFAULT_MAX_CACHED_IMAGES = 256
+HFLIP_MODES = (True, False, "swap")
+RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+RANKINGS = ("itm", "itc", "itm_plus_itc")  # result prefixes: "" (official), "itc_", "itm_plus_itc_"
+DRAWN_QUERIES = 4
+DRAWN_HITS = 5
 
 
+# -- metrics -----------------------------------------------------------------------------------------
 def ranks_of_ground_truth(scores: np.ndarray, positives: list[list[int]]) -> np.ndarray:
     """For each query row, the 0-based rank of its best-placed positive column.
 
@@ -56,6 +132,132 @@ def recall_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: list[l
     return result
 
 
+# -- where the pixels come from ------------------------------------------------------------------------
+class VisionSource(Protocol):
+    """Images or videos of an evaluation set, test-transformed on demand."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        """(n, 3, H, W) images or (n, F, 3, H, W) videos."""
+        ...
+
+
+@dataclass
+class TensorVision:
+    """Pixels already in memory."""
+
+    pixels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.pixels[list(indices)]
+
+
+@dataclass
+class FileVision:
+    """Image or video files read when needed (``frame_len`` > 0: videos, frames at the official
+    evaluation positions), so a gallery never has to fit in memory as pixels."""
+
+    paths: list[str]
+    res: int
+    frame_len: int = 0
+    source: str = "<eval file>"  # the dataset file, for error messages
+    field: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def frames(self, index: int) -> list[Image.Image]:
+        path = self.paths[index]
+        try:
+            return read_video_frames(path, sample_frame_indices(count_frames(path), self.frame_len, training=False))
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{self.source}[{index}] field {self.field!r}: {err}") from err
+
+    def image(self, index: int) -> Image.Image:
+        return load_image(self.paths[index], is_path=True, source=f"{self.source}[{index}]", field=self.field)
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        transform = EvalTransform(self.res)
+        if self.frame_len:
+            return torch.stack([transform.clip(self.frames(i)) for i in indices])
+        return torch.stack([transform(self.image(i)) for i in indices])
+
+    def thumbnail(self, index: int) -> Image.Image:
+        """The image, or a video's middle evaluation frame."""
+        if self.frame_len:
+            frames = self.frames(index)
+            return frames[len(frames) // 2]
+        return self.image(index)
+
+
+# -- evaluation sets ---------------------------------------------------------------------------------
+@dataclass
+class RetrievalEvalSet:
+    """An evaluation file: its vision items (loaded lazily), cleaned and tokenised texts, ground truth."""
+
+    vision: VisionSource
+    names: list[str]  # image / video paths as written in the file
+    texts: list[str]
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    img2txt: list[list[int]]
+    txt2img: list[int]
+
+
+def load_eval_set(path, image_root, res: int, tokenizer: WordPieceTokenizer, max_tokens: int = DEFAULT_MAX_TOKENS,
+                  frame_len: int = 0, vision_key: str | None = None, text_key: str = "caption") -> RetrievalEvalSet:
+    """A Karpathy-style evaluation file (``[{image, caption: [...]}]``); videos when ``frame_len`` > 0.
+
+    Texts go through ``pre_caption(max_tokens)``, are truncated to ``max_tokens`` tokens and padded
+    to the longest one (padding does not change any output; the official code pads to max_tokens)."""
+    vision_key = vision_key or ("video" if frame_len else "image")
+    items = read_karpathy_eval(path, vision_key=vision_key, text_key=text_key)
+    if not items:
+        raise ValueError(f"{path}: no evaluation item")
+    texts, img2txt, txt2img = [], [], []
+    for i, item in enumerate(items):
+        img2txt.append([])
+        for k, caption in enumerate(item.captions):
+            try:
+                cleaned = pre_caption(caption, max_tokens)
+            except ValueError as err:
+                raise ValueError(f"{path}[{i}] field {text_key!r}[{k}]: {err}") from err
+            img2txt[-1].append(len(texts))
+            txt2img.append(i)
+            texts.append(cleaned)
+        if not img2txt[-1]:
+            raise ValueError(f"{path}[{i}] field {text_key!r}: no caption")
+    ids, mask = tokenizer(texts, max_length=max_tokens)
+    paths = [str(Path(image_root) / item.image) for item in items]
+    vision = FileVision(paths, res, frame_len, source=str(path), field=vision_key)
+    return RetrievalEvalSet(vision, [item.image for item in items], texts, ids, mask, img2txt, txt2img)
+
+
+@dataclass
+class RetrievalSplit:
+    """An evaluation split with all pixels in memory (for ``evaluate_retrieval``)."""
+
+    pixels: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    img2txt: list[list[int]]
+    txt2img: list[int]
+    images: list[str]
+    texts: list[str]
+
+
+def load_retrieval_split(path, image_root, res: int, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS, frame_len: int = 0) -> RetrievalSplit:
+    """``load_eval_set`` with every image (or video) loaded and test-transformed."""
+    eval_set = load_eval_set(path, image_root, res, tokenizer, max_tokens, frame_len)
+    pixels = eval_set.vision.load(range(len(eval_set.vision)))
+    return RetrievalSplit(pixels, eval_set.text_ids, eval_set.text_mask, eval_set.img2txt, eval_set.txt2img, eval_set.names, eval_set.texts)
+
+
+# -- stage 1: encoding --------------------------------------------------------------------------------
 @dataclass
 class EncodedGallery:
     """Everything the re-ranking needs, computed once: vision and text states, masks, ITC features."""
@@ -68,26 +270,92 @@ class EncodedGallery:
     text_feat: torch.Tensor  # (T, E)
 
 
+def _device(model: X2VLM) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_vision_range(model: X2VLM, vision: VisionSource, items: range, batch_size: int, keep_embeds: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ITC features (n, E) of ``vision[items]`` and, if ``keep_embeds``, their embeddings and masks."""
+    device = _device(model)
+    feats, embeds, masks = [], [], []
+    for start in tqdm(range(items.start, items.stop, batch_size), desc="encode vision", leave=False):
+        pixels = vision.load(range(start, min(start + batch_size, items.stop))).to(device)
+        emb, mask = model.encode_vision(pixels)
+        feats.append(model.vision_features(emb).float())
+        if keep_embeds:
+            embeds.append(emb)
+            masks.append(mask)
+    if not feats:
+        return torch.empty(0, model.cfg.embed_dim, device=device), None, None
+    return torch.cat(feats), (torch.cat(embeds) if keep_embeds else None), (torch.cat(masks) if keep_embeds else None)
+
+
+def _used_width(mask: torch.Tensor) -> int:
+    """Columns up to the last non-padding position of any row (texts are left-aligned)."""
+    used = mask.sum(dim=1).max() if len(mask) else 1
+    return max(int(used), 1)
+
+
+@torch.no_grad()
+def encode_text_range(model: X2VLM, text_ids: torch.Tensor, text_mask: torch.Tensor, items: range, batch_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states (n, L, H) and ITC features (n, E) of ``texts[items]``.
+
+    Texts are batched by length and each batch runs at the width of its longest text (the states
+    of padding positions mean nothing and are masked wherever they are used; beyond a batch's width
+    they are zero)."""
+    device = _device(model)
+    full_width = text_ids.shape[1]
+    if len(items) == 0:
+        return (torch.empty(0, full_width, model.cfg.text.hidden_size, device=device),
+                torch.empty(0, model.cfg.embed_dim, device=device))
+    rows = torch.arange(items.start, items.stop)
+    order = rows[torch.argsort(text_mask[rows].sum(dim=1), stable=True)]
+    states, feats = [], []
+    for start in tqdm(range(0, len(order), batch_size), desc="encode texts", leave=False):
+        batch = order[start : start + batch_size]
+        width = _used_width(text_mask[batch])
+        s = model.encode_text(text_ids[batch, :width].to(device), text_mask[batch, :width].to(device))
+        states.append(torch.nn.functional.pad(s, (0, 0, 0, full_width - width)))
+        feats.append(model.text_features(s).float())
+    back = torch.argsort(order).to(device)  # from length order back to item order
+    return torch.cat(states)[back], torch.cat(feats)[back]
+
+
 @torch.no_grad()
 def encode_gallery(model: X2VLM, pixels: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, batch_size: int = 64) -> EncodedGallery:
-    """Encode images (B,3,H,W) or videos (B,F,3,H,W) and texts, in batches."""
-    vision, vmask, vfeat = [], [], []
-    for start in tqdm(range(0, len(pixels), batch_size), desc="encode images", leave=False):
-        embeds, mask = model.encode_vision(pixels[start : start + batch_size])
-        vision.append(embeds)
-        vmask.append(mask)
-        vfeat.append(model.vision_features(embeds))
-    states, tfeat = [], []
-    for start in tqdm(range(0, len(text_ids), batch_size), desc="encode texts", leave=False):
-        s = model.encode_text(text_ids[start : start + batch_size], text_mask[start : start + batch_size])
-        states.append(s)
-        tfeat.append(model.text_features(s))
-    return EncodedGallery(torch.cat(vision), torch.cat(vmask), torch.cat(vfeat), torch.cat(states), text_mask, torch.cat(tfeat))
+    """Encode images (B,3,H,W) or videos (B,F,3,H,W) and texts, in batches, in one process."""
+    vfeat, vision, vmask = encode_vision_range(model, TensorVision(pixels), range(len(pixels)), batch_size)
+    states, tfeat = encode_text_range(model, text_ids, text_mask, range(len(text_ids)), batch_size)
+    return EncodedGallery(vision, vmask, vfeat, states, text_mask.to(states.device), tfeat)
+
+
+# -- stage 2: candidates and ITM scores ----------------------------------------------------------------
+def candidate_pairs(sims: torch.Tensor, k_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate (image, text) pairs of both directions (top-``k_test`` by ITC per query).
+
+    Returns ``(pairs, inverse)``: ``pairs`` (P, 2) unique, sorted by image then text (so the pairs of
+    a range of images are contiguous); ``inverse`` maps the I*k image->text candidates followed by
+    the T*k text->image candidates to rows of ``pairs``."""
+    num_images, num_texts = sims.shape
+    k_txt, k_img = min(k_test, num_texts), min(k_test, num_images)
+    i2t = sims.topk(k_txt, dim=1).indices
+    t2i = sims.t().topk(k_img, dim=1).indices
+    device = sims.device
+    both = torch.cat([
+        torch.stack([torch.arange(num_images, device=device).repeat_interleave(k_txt), i2t.flatten()], dim=1),
+        torch.stack([t2i.flatten(), torch.arange(num_texts, device=device).repeat_interleave(k_img)], dim=1),
+    ])
+    pairs, inverse = torch.unique(both, dim=0, return_inverse=True)
+    return pairs, inverse
 
 
 @torch.no_grad()
 def itm_scores(model: X2VLM, gallery: EncodedGallery, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """ITM match logit (column 1) of the pairs (image_idx[k], text_idx[k]), batched."""
+    """ITM match logit (column 1) of the pairs (image_idx[k], text_idx[k]), batched, projecting the
+    vision tokens for every pair (the reference for ``cached_itm_scores``)."""
     scores = []
     for start in range(0, len(image_idx), batch_size):
         i, t = image_idx[start : start + batch_size], text_idx[start : start + batch_size]
@@ -97,83 +365,453 @@ def itm_scores(model: X2VLM, gallery: EncodedGallery, image_idx: torch.Tensor, t
 
 
 @torch.no_grad()
-def two_stage_scores(model: X2VLM, gallery: EncodedGallery, k_test: int, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ITC similarity I x T, re-ranked image->text scores I x T, re-ranked text->image scores T x I)."""
-    sims = gallery.vision_feat.float() @ gallery.text_feat.float().t()
+def cached_itm_scores(model: X2VLM, vision_embeds: torch.Tensor, vision_mask: torch.Tensor, text_states: torch.Tensor,
+                      text_mask: torch.Tensor, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int = DEFAULT_RERANK_BATCH
+                      ) -> torch.Tensor:
+    """ITM match logit of the pairs (image_idx[k] into ``vision_embeds``, text_idx[k] into
+    ``text_states``); each image's cross-attention keys/values are computed once for all its pairs.
+
+    Pairs are batched by text length and each batch runs at the width of its longest text (padding
+    changes no output), so short captions do not pay for the longest one."""
+    device = vision_embeds.device
+    if len(image_idx) == 0:
+        return torch.empty(0, device=device)
+    used, rows = torch.unique(image_idx.to(device), return_inverse=True)
+    cache = model.cross_attention_kv(vision_embeds[used])
+    used_mask = vision_mask[used]
+    text_idx = text_idx.to(device)
+    order = torch.argsort(text_mask.sum(dim=1)[text_idx], stable=True)
+    scores = torch.empty(len(order), device=device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        r, t = rows[batch], text_idx[batch]
+        width = _used_width(text_mask[t])
+        fused = model.fuse(text_states[t, :width], text_mask[t, :width], None, used_mask[r], cross_kv=cache.select(r))
+        scores[batch] = model.itm_logits(fused)[:, 1].float()
+    return scores
+
+
+@dataclass
+class RetrievalScores:
+    """ITC similarities and the two re-ranked score matrices (non-candidates: ``NOT_A_CANDIDATE``)."""
+
+    sims: torch.Tensor  # (I, T)
+    score_i2t: torch.Tensor  # (I, T)
+    score_t2i: torch.Tensor  # (T, I)
+
+
+def scatter_scores(sims: torch.Tensor, pairs: torch.Tensor, inverse: torch.Tensor, pair_scores: torch.Tensor, k_test: int) -> RetrievalScores:
+    """Fill the re-ranked matrices from the scores of the unique candidate pairs."""
     num_images, num_texts = sims.shape
-    k_txt, k_img = min(k_test, num_texts), min(k_test, num_images)
-    i2t_cand = sims.topk(k_txt, dim=1).indices  # (I, k)
-    t2i_cand = sims.t().topk(k_img, dim=1).indices  # (T, k)
-    pairs = torch.cat([
-        torch.stack([torch.arange(num_images).repeat_interleave(k_txt), i2t_cand.flatten()], dim=1),
-        torch.stack([t2i_cand.flatten(), torch.arange(num_texts).repeat_interleave(k_img)], dim=1),
-    ])
-    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)  # each pair scored once
-    scores = itm_scores(model, gallery, unique[:, 0], unique[:, 1], batch_size)[inverse]
+    k_txt = min(k_test, num_texts)
+    both = pairs[inverse]
+    scores = pair_scores[inverse].float().cpu()
+    both = both.cpu()
     score_i2t = torch.full((num_images, num_texts), NOT_A_CANDIDATE)
     score_t2i = torch.full((num_texts, num_images), NOT_A_CANDIDATE)
     n = num_images * k_txt
-    score_i2t[pairs[:n, 0], pairs[:n, 1]] = scores[:n]
-    score_t2i[pairs[n:, 1], pairs[n:, 0]] = scores[n:]
-    return sims, score_i2t, score_t2i
+    score_i2t[both[:n, 0], both[:n, 1]] = scores[:n]
+    score_t2i[both[n:, 1], both[n:, 0]] = scores[n:]
+    return RetrievalScores(sims.float().cpu(), score_i2t, score_t2i)
 
 
-def evaluate_retrieval(model: X2VLM, pixels: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                       img2txt: list[list[int]], txt2img: list[int], k_test: int = 16, itm: bool = True) -> dict[str, dict[str, float]]:
-    """Recalls of the official protocol (``itm``), of ITC alone (``itc``) and of ITM + ITC
-    similarity summed over the candidates (``itm_plus_itc``, what other libraries report)."""
-    model.eval()
-    gallery = encode_gallery(model, pixels, text_ids, text_mask)
+@torch.no_grad()
+def two_stage_scores(model: X2VLM, gallery: EncodedGallery, k_test: int, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ITC similarity I x T, re-ranked image->text scores I x T, re-ranked text->image scores T x I)
+    of an encoded gallery, in one process."""
     sims = gallery.vision_feat.float() @ gallery.text_feat.float().t()
+    pairs, inverse = candidate_pairs(sims, k_test)
+    pair_scores = cached_itm_scores(model, gallery.vision_embeds, gallery.vision_mask, gallery.text_states, gallery.text_mask,
+                                    pairs[:, 0], pairs[:, 1], batch_size)
+    scores = scatter_scores(sims, pairs, inverse, pair_scores, k_test)
+    return scores.sims, scores.score_i2t, scores.score_t2i
+
+
+# -- the whole protocol, sharded ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sharding:
+    """Which share of the work this process does, and how shares are put back together."""
+
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda local: local  # concatenation in rank order
+
+    @classmethod
+    def from_context(cls, ctx: EvalContext) -> Sharding:
+        info = ctx.dist_info
+        return cls(info.rank, info.world_size, partial(gather_tensors, dist_info=info))
+
+
+@dataclass(frozen=True)
+class RerankSettings:
+    k_test: int = DEFAULT_K_TEST
+    batch_size: int = 64  # images / texts per encoder forward
+    rerank_batch_size: int = DEFAULT_RERANK_BATCH  # candidate pairs per fusion forward
+    max_cached_images: int = DEFAULT_MAX_CACHED_IMAGES  # images whose embeddings and K/V are held at once
+
+
+def _rows_of_images(pairs: torch.Tensor, images: range) -> slice:
+    """The rows of ``pairs`` (sorted by image) whose image lies in ``images``."""
+    bounds = torch.tensor([images.start, images.stop], device=pairs.device, dtype=pairs.dtype)
+    lo, hi = torch.searchsorted(pairs[:, 0].contiguous(), bounds).tolist()
+    return slice(lo, hi)
+
+
+@torch.no_grad()
+def rerank_image_range(model: X2VLM, vision: VisionSource, images: range, pairs: torch.Tensor, text_states: torch.Tensor,
+                       text_mask: torch.Tensor, settings: RerankSettings, embeds: torch.Tensor | None = None,
+                       masks: torch.Tensor | None = None) -> torch.Tensor:
+    """ITM scores of the candidate pairs (sorted by image) whose image lies in ``images``, in blocks
+    of ``max_cached_images`` images; ``embeds``/``masks`` of ``images`` if already computed."""
+    mine = pairs[_rows_of_images(pairs, images)]
+    scores = []
+    for block_start in range(images.start, images.stop, settings.max_cached_images):
+        block = range(block_start, min(block_start + settings.max_cached_images, images.stop))
+        rows = _rows_of_images(mine, block)
+        if rows.start == rows.stop:
+            continue
+        if embeds is not None:
+            block_embeds = embeds[block.start - images.start : block.stop - images.start]
+            block_masks = masks[block.start - images.start : block.stop - images.start]
+        else:
+            _, block_embeds, block_masks = encode_vision_range(model, vision, block, settings.batch_size)
+        block_pairs = mine[rows]
+        scores.append(cached_itm_scores(model, block_embeds, block_masks, text_states, text_mask,
+                                        block_pairs[:, 0] - block.start, block_pairs[:, 1], settings.rerank_batch_size))
+    return torch.cat(scores) if scores else torch.empty(0, device=text_states.device)
+
+
+@torch.no_grad()
+def two_stage_retrieval(model: X2VLM, vision: VisionSource, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                        settings: RerankSettings = RerankSettings(), sharding: Sharding = Sharding(), itm: bool = True,
+                        autocast: Callable | None = None) -> RetrievalScores:
+    """The official two-stage scores, with the work split across ranks (every rank gets all scores).
+
+    Rank ``r`` encodes images ``shard_range(I, r, W)`` and texts ``shard_range(T, r, W)``; features and
+    text states are gathered; every rank picks the same candidates; rank ``r`` scores the pairs of its
+    own images (kept from encoding if they fit in ``max_cached_images``, else encoded again block by
+    block); the pair scores are gathered. Without ``itm`` only ``sims`` is meaningful."""
+    model.eval()
+    autocast = autocast or nullcontext
+    device = _device(model)
+    num_images, num_texts = len(vision), len(text_ids)
+    my_images = shard_range(num_images, sharding.rank, sharding.world_size)
+    my_texts = shard_range(num_texts, sharding.rank, sharding.world_size)
+    keep = itm and len(my_images) <= settings.max_cached_images
+    with autocast():
+        vision_feat, embeds, masks = encode_vision_range(model, vision, my_images, settings.batch_size, keep_embeds=keep)
+        text_states, text_feat = encode_text_range(model, text_ids, text_mask, my_texts, settings.batch_size)
+    vision_feat, text_feat = sharding.gather(vision_feat.float()), sharding.gather(text_feat.float())
+    sims = vision_feat @ text_feat.t()
+    if not itm:
+        empty = torch.full((num_images, num_texts), NOT_A_CANDIDATE)
+        return RetrievalScores(sims.cpu(), empty, empty.t().clone())
+    text_states = sharding.gather(text_states)
+    pairs, inverse = candidate_pairs(sims, settings.k_test)
+    with autocast():
+        local = rerank_image_range(model, vision, my_images, pairs, text_states, text_mask.to(device), settings, embeds, masks)
+    pair_scores = sharding.gather(local.float())
+    if len(pair_scores) != len(pairs):
+        raise RuntimeError(f"re-ranking produced {len(pair_scores)} scores for {len(pairs)} candidate pairs")
+    return scatter_scores(sims, pairs, inverse, pair_scores, settings.k_test)
+
+
+def ranking_metrics(scores: RetrievalScores, img2txt: list[list[int]], txt2img: list[int], itm: bool = True) -> dict[str, dict[str, float]]:
+    """Recalls of the official protocol (``itm``), of ITC alone (``itc``) and of ITM + ITC similarity
+    summed over the candidates (``itm_plus_itc``, what other libraries report)."""
+    sims = scores.sims
     results = {"itc": recall_metrics(sims.numpy(), sims.t().numpy(), img2txt, txt2img)}
     if itm:
-        sims, score_i2t, score_t2i = two_stage_scores(model, gallery, k_test)
-        results["itm"] = recall_metrics(score_i2t.numpy(), score_t2i.numpy(), img2txt, txt2img)
-        cand_i2t, cand_t2i = score_i2t > NOT_A_CANDIDATE, score_t2i > NOT_A_CANDIDATE
-        summed_i2t = torch.where(cand_i2t, score_i2t + sims, torch.full_like(sims, NOT_A_CANDIDATE))
-        summed_t2i = torch.where(cand_t2i, score_t2i + sims.t(), torch.full_like(sims.t(), NOT_A_CANDIDATE))
+        results["itm"] = recall_metrics(scores.score_i2t.numpy(), scores.score_t2i.numpy(), img2txt, txt2img)
+        summed_i2t, summed_t2i = summed_scores(scores)
         results["itm_plus_itc"] = recall_metrics(summed_i2t.numpy(), summed_t2i.numpy(), img2txt, txt2img)
     return results
 
 
-@dataclass
-class RetrievalSplit:
-    """An evaluation split ready for ``evaluate_retrieval``."""
+def summed_scores(scores: RetrievalScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM logit + ITC similarity on the candidates, ``NOT_A_CANDIDATE`` elsewhere (both directions)."""
+    sims = scores.sims
+    i2t = torch.where(scores.score_i2t > NOT_A_CANDIDATE, scores.score_i2t + sims, torch.full_like(sims, NOT_A_CANDIDATE))
+    t2i = torch.where(scores.score_t2i > NOT_A_CANDIDATE, scores.score_t2i + sims.t(), torch.full_like(sims.t(), NOT_A_CANDIDATE))
+    return i2t, t2i
 
+
+def evaluate_retrieval(model: X2VLM, pixels: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                       img2txt: list[list[int]], txt2img: list[int], k_test: int = 16, itm: bool = True,
+                       batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """``ranking_metrics`` of a gallery held in memory, in one process."""
+    settings = RerankSettings(k_test=k_test, batch_size=batch_size)
+    scores = two_stage_retrieval(model, TensorVision(pixels), text_ids, text_mask, settings, itm=itm)
+    return ranking_metrics(scores, img2txt, txt2img, itm)
+
+
+def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"itm": m, "itc": m2, ...}`` -> official ITM keys unprefixed, ``itc_*``, ``itm_plus_itc_*``."""
+    flat = dict(results["itm"])
+    for ranking in ("itc", "itm_plus_itc"):
+        flat.update({f"{ranking}_{k}": v for k, v in results[ranking].items()})
+    return flat
+
+
+# -- fine-tuning data --------------------------------------------------------------------------------
+@dataclass
+class RetrievalSample:
+    pixels: torch.Tensor  # (3, H, W) or (F, 3, H, W)
+    caption: str
+    index: int  # consecutive id of the image / video (for id-aware losses)
+
+
+@dataclass
+class RetrievalBatch:
     pixels: torch.Tensor
     text_ids: torch.Tensor
     text_mask: torch.Tensor
-    img2txt: list[list[int]]
-    txt2img: list[int]
-    images: list[str]
-    texts: list[str]
+    ids: torch.Tensor  # (B,) image ids: pairs sharing one are positives
+
+    def to(self, device) -> RetrievalBatch:
+        return RetrievalBatch(*(t.to(device, non_blocking=True) for t in (self.pixels, self.text_ids, self.text_mask, self.ids)))
 
 
-def load_retrieval_split(path, image_root, res: int, tokenizer, max_tokens: int = 30, frame_len: int = 0) -> RetrievalSplit:
-    """A Karpathy-style evaluation file (``[{image, caption: [...]}]``) with its images (or videos,
-    when ``frame_len`` > 0: frames at the official evaluation positions), test-transformed."""
-    from pathlib import Path
+@dataclass
+class RetrievalTrainSet:
+    """Caption pairs of one or more training files; ``get`` applies the train transform (one set of
+    augmentation parameters per video clip) and the caption-aware flip."""
 
-    from x2vlm.data.readers import read_karpathy_eval
-    from x2vlm.data.text import pre_caption
-    from x2vlm.data.transforms import EvalTransform
-    from x2vlm.data.video import count_frames, load_image, read_video_frames, sample_frame_indices
+    images: list[str]  # full paths
+    captions: list[str]  # cleaned
+    ids: list[int]
+    sources: list[str]  # "file[k]" of each pair, for error messages
+    transform: FinetuneTrainTransform
+    hflip: bool | str
+    frame_len: int = 0
+    vision_key: str = "image"
 
-    vision_key = "video" if frame_len else "image"
-    items = read_karpathy_eval(path, vision_key=vision_key)
-    transform = EvalTransform(res)
-    pixels, texts, img2txt, txt2img = [], [], [], []
-    for i, item in enumerate(tqdm(items, desc=f"load {Path(path).name}", leave=False)):
-        source = str(Path(image_root) / item.image)
-        if frame_len:
-            frames = read_video_frames(source, sample_frame_indices(count_frames(source), frame_len, training=False))
-            pixels.append(transform.clip(frames))
-        else:
-            pixels.append(transform(load_image(source, is_path=True, source=str(path), field=vision_key)))
-        img2txt.append([])
-        for caption in item.captions:
-            img2txt[-1].append(len(texts))
-            txt2img.append(i)
-            texts.append(pre_caption(caption, max_tokens))
-    ids, mask = tokenizer(texts, max_length=max_tokens, pad_to=max_tokens)
-    return RetrievalSplit(torch.stack(pixels), ids, mask, img2txt, txt2img, [it.image for it in items], texts)
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def get(self, index: int, rng: np.random.Generator) -> RetrievalSample:
+        path, caption = self.images[index], self.captions[index]
+        try:
+            if self.frame_len:
+                frames = read_video_frames(path, sample_frame_indices(count_frames(path), self.frame_len, training=True, rng=rng))
+            else:
+                frames = [load_image(path, is_path=True, source=self.sources[index], field=self.vision_key)]
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{self.sources[index]} field {self.vision_key!r}: {err}") from err
+        if self.hflip == "swap":
+            params = self.transform.sample_params(frames[0].size, rng)
+            if params.flip:
+                caption = swap_left_right(caption)
+        else:  # True: caption-aware (no flip when the caption says left/right); False: the transform never flips
+            params = self.transform.sample_params(frames[0].size, rng, texts=caption)
+        views = [self.transform.apply(frame, params) for frame in frames]
+        pixels = torch.stack(views) if self.frame_len else views[0]
+        return RetrievalSample(pixels, caption, self.ids[index])
+
+
+@dataclass
+class RetrievalCollate:
+    tokenizer: WordPieceTokenizer
+    max_tokens: int
+
+    def __call__(self, samples: list[RetrievalSample]) -> RetrievalBatch:
+        ids, mask = self.tokenizer([s.caption for s in samples], max_length=self.max_tokens)
+        return RetrievalBatch(torch.stack([s.pixels for s in samples]), ids, mask, torch.tensor([s.index for s in samples], dtype=torch.long))
+
+
+def load_train_set(files: list[str], image_root: str, transform: FinetuneTrainTransform, hflip: bool | str, max_tokens: int,
+                   frame_len: int, index_key: str, vision_key: str, text_key: str) -> RetrievalTrainSet:
+    """Pairs of every file; each distinct id (over all files) becomes a consecutive int."""
+    images, captions, ids, sources = [], [], [], []
+    id_numbers: dict = {}
+    for path in files:
+        for k, pair in enumerate(read_karpathy_train(path, index_key=index_key, vision_key=vision_key, text_key=text_key)):
+            try:
+                captions.append(pre_caption(pair.caption, max_tokens))
+            except ValueError as err:
+                raise ValueError(f"{path}[{k}] field {text_key!r}: {err}") from err
+            images.append(str(Path(image_root) / pair.image))
+            ids.append(id_numbers.setdefault(pair.index, len(id_numbers)))
+            sources.append(f"{path}[{k}]")
+    if not captions:
+        raise ValueError(f"training files {files}: no pair")
+    return RetrievalTrainSet(images, captions, ids, sources, transform, hflip, frame_len, vision_key)
+
+
+# -- loss ----------------------------------------------------------------------------------------------
+def retrieval_loss(model: X2VLM, batch: RetrievalBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``XVLMForRetrieval.forward``: id-aware ITC + ITM with hard negatives that never share the id."""
+    with torch.no_grad():
+        model.temp.clamp_(0.001, 0.5)
+    vision, vision_mask = model.encode_vision(batch.pixels)
+    text = model.encode_text(batch.text_ids, batch.text_mask)
+    vision_feat, text_feat = model.vision_features(vision), model.text_features(text)
+    losses = {"itc": contrastive_loss(vision_feat, text_feat, model.temp, ids=batch.ids)}
+    if batch.ids.unique().numel() < 2:  # every pair is a positive of every other: no negative exists
+        log.warning("retrieval: a batch whose %d pairs all share one id has no ITM negative; ITM loss 0", len(batch.ids))
+        losses["itm"] = vision_feat.new_zeros(())
+        return losses
+    image_neg, text_neg = sample_hard_negatives(vision_feat, text_feat, model.temp, ids=batch.ids, generator=generator)
+    logits = matching_logits(model, vision, vision_mask, text, batch.text_mask, image_neg, text_neg)
+    losses["itm"] = matching_loss(logits)
+    return losses
+
+
+# -- the task ----------------------------------------------------------------------------------------
+DATA_KEYS = {"train_files", "val_file", "test_file", "image_root", "video", "max_tokens", "k_test", "crop_scale", "randaug",
+             "hflip", "index_key", "vision_key", "text_key", "rerank_batch_size", "max_cached_images", "selection_metric"}
+REQUIRED_KEYS = ("train_files", "val_file", "test_file", "image_root")
+
+
+def _positive_int(data: dict, key: str, default: int, where: str) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _string(data: dict, key: str, default: str | None, where: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(data: dict, key: str, default: bool, where: str) -> bool:
+    value = data.get(key, default)
+    if type(value) is not bool:  # a config error (ValueError), whatever the type
+        raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _crop_scale(data: dict, where: str) -> tuple[float, float]:
+    value = data.get("crop_scale", [0.5, 1.0])
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"{where}: 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+@dataclass
+class RetrievalTask:
+    """The evaluation settings and sets of one configured retrieval task (``evaluate`` and ``draw``)."""
+
+    eval_sets: dict[str, RetrievalEvalSet]
+    settings: RerankSettings
+    # top hits of each text (text -> image) of the last evaluation of each split, for ``draw``
+    top_hits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def evaluate(self, model: X2VLM, split: str, ctx: EvalContext) -> dict[str, float]:
+        return self._evaluate(model, split, ctx, Sharding.from_context(ctx))
+
+    def _evaluate(self, model: X2VLM, split: str, ctx: EvalContext, sharding: Sharding) -> dict[str, float]:
+        if split not in self.eval_sets:
+            raise ValueError(f"retrieval: unknown split {split!r}; configured: {list(self.eval_sets)}")
+        eval_set = self.eval_sets[split]
+        settings = RerankSettings(self.settings.k_test, ctx.batch_size, self.settings.rerank_batch_size, self.settings.max_cached_images)
+        scores = two_stage_retrieval(model, eval_set.vision, eval_set.text_ids, eval_set.text_mask, settings, sharding, autocast=ctx.autocast)
+        self.top_hits[split] = scores.score_t2i.topk(min(DRAWN_HITS, len(eval_set.vision)), dim=1).indices
+        return flat_metrics(ranking_metrics(scores, eval_set.img2txt, eval_set.txt2img))
+
+    def draw(self, model: X2VLM, out_dir: Path, ctx: EvalContext) -> list[Path]:
+        """One PNG per drawn split: a few text queries, each with its top-5 retrieved images (green
+        frame: the ground truth, red: wrong), from the last evaluation (or a new one)."""
+        split = list(self.eval_sets)[-1]
+        if split not in self.top_hits:  # draw runs on the main rank only: evaluate in this process alone
+            self._evaluate(model, split, ctx, Sharding())
+        return [draw_text_queries(self.eval_sets[split], self.top_hits[split], Path(out_dir) / f"retrieval_{split}.png")]
+
+
+def draw_text_queries(eval_set: RetrievalEvalSet, top_hits: torch.Tensor, out_png: Path, num_queries: int = DRAWN_QUERIES,
+                      thumb: int = 128) -> Path:
+    """Rows of ``[query text] + top hits``, hits framed green (correct) or red (wrong)."""
+    if not isinstance(eval_set.vision, FileVision):
+        raise TypeError("draw_text_queries needs an evaluation set read from files (FileVision)")
+    num_texts = len(eval_set.texts)
+    queries = sorted({round(x) for x in np.linspace(0, num_texts - 1, min(num_queries, num_texts))})
+    pad, header = 6, 30
+    hits = top_hits.shape[1]
+    width = max(pad + hits * (thumb + pad), 480)
+    row_height = header + thumb + 16 + pad
+    canvas = Image.new("RGB", (width, pad + row_height * len(queries)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, t in enumerate(queries):
+        y = pad + row * row_height
+        draw.text((pad, y), _shorten(f"query {t}: {eval_set.texts[t]}", width), fill=(0, 0, 0))
+        draw.text((pad, y + 13), _shorten(f"ground truth: {eval_set.names[eval_set.txt2img[t]]}", width), fill=(90, 90, 90))
+        for k, image in enumerate(top_hits[t].tolist()):
+            x = pad + k * (thumb + pad)
+            correct = image == eval_set.txt2img[t]
+            picture = eval_set.vision.thumbnail(image).convert("RGB").resize((thumb - 6, thumb - 6), Image.BICUBIC)
+            color = (0, 170, 0) if correct else (210, 0, 0)
+            draw.rectangle([x, y + header, x + thumb - 1, y + header + thumb - 1], fill=color)
+            canvas.paste(picture, (x + 3, y + header + 3))
+            draw.text((x, y + header + thumb + 2), f"#{k + 1} {'correct' if correct else 'wrong'}", fill=color)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png)
+    return out_png
+
+
+def _shorten(text: str, width_px: int, char_px: int = 6) -> str:
+    limit = max(width_px // char_px, 10)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
+    """Retrieval fine-tuning on Karpathy-style (COCO, Flickr30K) or MSR-VTT-style (``video: true``) files."""
+    check_keys(data, DATA_KEYS, where)
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    train_files = data["train_files"]
+    train_files = [train_files] if isinstance(train_files, str) else train_files
+    if not isinstance(train_files, list) or not train_files or not all(isinstance(f, str) for f in train_files):
+        raise ValueError(f"{where}: 'train_files' must be a non-empty list of file paths, got {data['train_files']!r}")
+    video = _bool(data, "video", False, where)
+    frame_len = model_cfg.frame_len if video else 0
+    if video and frame_len <= 0:
+        raise ValueError(f"{where}: 'video' is true but model {model_cfg.name} has frame_len {model_cfg.frame_len}")
+    image_root = _string(data, "image_root", None, where)
+    if not Path(image_root).is_dir():
+        raise FileNotFoundError(f"{where}: 'image_root' {image_root} is not a directory")
+    hflip = data.get("hflip", True)
+    if hflip not in HFLIP_MODES or (hflip != "swap" and not isinstance(hflip, bool)):
+        raise ValueError(f"{where}: 'hflip' must be true (caption-aware), false or 'swap', got {hflip!r}")
+    max_tokens = _positive_int(data, "max_tokens", DEFAULT_MAX_TOKENS, where)
+    if max_tokens < 3:
+        raise ValueError(f"{where}: 'max_tokens' must leave room for a word besides [CLS] and [SEP], got {max_tokens}")
+    settings = RerankSettings(
+        k_test=_positive_int(data, "k_test", DEFAULT_K_TEST, where),
+        rerank_batch_size=_positive_int(data, "rerank_batch_size", DEFAULT_RERANK_BATCH, where),
+        max_cached_images=_positive_int(data, "max_cached_images", DEFAULT_MAX_CACHED_IMAGES, where),
+    )
+    selection_metric = _string(data, "selection_metric", "r_mean", where)
+    known_metrics = [prefix + key for prefix in ("", "itc_", "itm_plus_itc_") for key in RECALL_KEYS]
+    if selection_metric not in known_metrics:
+        raise ValueError(f"{where}: 'selection_metric' {selection_metric!r} unknown; one of {known_metrics}")
+    vision_key = _string(data, "vision_key", "video" if video else "image", where)
+    index_key = _string(data, "index_key", "video_id" if video else "image_id", where)
+    text_key = _string(data, "text_key", "caption", where)
+    transform = FinetuneTrainTransform(model_cfg.image_res, scale=_crop_scale(data, where), randaug=_bool(data, "randaug", True, where),
+                                       hflip=hflip is not False)
+    train_set = load_train_set(train_files, image_root, transform, hflip, max_tokens, frame_len, index_key, vision_key, text_key)
+    eval_sets = {
+        split: load_eval_set(_string(data, key, None, where), image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len,
+                             vision_key, text_key)
+        for split, key in (("val", "val_file"), ("test", "test_file"))
+    }
+    log.info("retrieval: %d training pairs of %d %s; val %d x %d texts, test %d x %d texts", len(train_set), len(set(train_set.ids)),
+             "videos" if video else "images", len(eval_sets["val"].vision), len(eval_sets["val"].texts),
+             len(eval_sets["test"].vision), len(eval_sets["test"].texts))
+    task = RetrievalTask(eval_sets, settings)
+    return FinetuneTask(
+        name="retrieval",
+        model_task="retrieval",
+        train_set=train_set,
+        collate=RetrievalCollate(tokenizer, max_tokens),
+        loss=retrieval_loss,
+        evaluate=task.evaluate,
+        eval_splits=list(eval_sets),
+        selection_metric=selection_metric,
+        draw=task.draw,
+    )

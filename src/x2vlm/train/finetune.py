@@ -145,6 +145,8 @@ def build_model(cfg: FinetuneConfig, task: FinetuneTask, model_cfg: X2VLMConfig)
     new = {n for n, _ in model.named_parameters()}
     for spec in [cfg.init] if isinstance(cfg.init, str) else cfg.init:
         new &= set(initialise(model, spec))
+    if task.lr_mult_prefixes:
+        new |= {n for n, _ in model.named_parameters() if n.startswith(task.lr_mult_prefixes)}
     return model, sorted(new)
 
 

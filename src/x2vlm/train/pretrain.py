@@ -57,6 +57,11 @@ class PretrainConfig:
     keep_last: int = 2
     num_workers: int = 0
     stop_calc_itm: int | None = None  # compute ITM only before this step (1B recipe: 200000)
+    # Keep the unimodal text tower (embeddings, text layers below the fusion layers, text_proj) fixed
+    # for this many steps: a pre-trained text encoder beside a vision tower from scratch otherwise
+    # collapses its contrastive features before the vision side has learned anything (see the
+    # small-world config). 0: never frozen.
+    text_tower_frozen_steps: int = 0
     parallel: str = "ddp"  # ddp | fsdp
     tensorboard: bool = True
 
@@ -302,6 +307,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="pretrain", disable=not dist_info.is_main)
     if rng is not None:
         set_rng_state(rng)  # last, so that nothing above draws from the restored streams
+    frozen = text_tower_parameters(model) if cfg.text_tower_frozen_steps else []
     window_start, window_steps = time.perf_counter(), 0
     for step in progress:
         with torch.no_grad():
@@ -331,6 +337,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
             )
         if cfg.parallel == "fsdp" and dist_info.distributed:
             average_replicated_grads([model.temp])
+        if step < cfg.text_tower_frozen_steps:
+            for param in frozen:
+                param.grad = None  # AdamW skips a parameter without a gradient (no decay, no moments)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         optimizer.step()
         scheduler.step()
@@ -367,6 +376,13 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     metrics.close()
     cleanup()
     return last
+
+
+def text_tower_parameters(model: X2VLM) -> list[torch.nn.Parameter]:
+    """The unimodal text side of ITC: embeddings, the text layers below the fusion layers, text_proj."""
+    layers = tuple(f"text_encoder.encoder.layer.{i}." for i in range(model.num_text_layers))
+    prefixes = ("text_encoder.embeddings.", "text_proj.") + layers
+    return [p for n, p in model.named_parameters() if n.startswith(prefixes)]
 
 
 def _scalar(value: torch.Tensor) -> float:

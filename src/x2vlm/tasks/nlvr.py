@@ -1,0 +1,239 @@
+"""NLVR2: is a statement true of a pair of images? (spec §4.3, ``NLVR.py``, ``XVLMForNLVR``)
+
+Both images of a batch are encoded together, the statement is fused with each, the two fused CLS
+vectors are concatenated and ``cls_head`` (2H -> 2) classifies; cross-entropy; ``acc`` = argmax
+accuracy (%). The head is newly initialised (no NLVR pre-training step, spec §4.3), so it gets
+``lr * lr_mult``. Model selection uses the validation split only (the official script selects on the
+mean of val and test, spec §6.30).
+
+Training images get the fine-tuning train transform independently (RandomResizedCrop, flip,
+RandAugment). The official flip ignores the text; with ``careful_hflip`` an image is not flipped when
+the statement uses left/right *within* an image ("the dog is left of the cat"); the phrases that
+name the images themselves ("the left image", "the right picture") do not count, since flipping
+each image in place never changes which one is left.
+
+Data section of the fine-tuning YAML::
+
+    train_file: data/finetune/nlvr_train.json     # or a list of files
+    eval_files: {val: data/finetune/nlvr_dev.json, test: data/finetune/nlvr_test.json}
+    image_root: images/nlvr2                      # null: paths as given
+    max_tokens: 40
+    max_words: 30
+    crop_scale: [0.5, 1.0]
+    hflip: true
+    careful_hflip: false
+    randaug: true
+    eval_subset: null                             # N: evaluate N evenly spaced pairs per split (quick runs)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from x2vlm.config import X2VLMConfig
+from x2vlm.data.readers import DataFormatError, read_nlvr2
+from x2vlm.data.text import pre_caption
+from x2vlm.data.transforms import (
+    EvalTransform,
+    FinetuneTrainTransform,
+    mentions_left_or_right,
+)
+from x2vlm.data.video import load_image
+from x2vlm.tasks.common import (
+    EvalContext,
+    FinetuneTask,
+    check_keys,
+    gather_tensors,
+    shard_range,
+)
+from x2vlm.tasks.grounding import (
+    bool_key,
+    evenly_spaced_subset,
+    optional_positive_int_key,
+    positive_int_key,
+    require_key,
+)
+from x2vlm.tokenizer import WordPieceTokenizer
+
+log = logging.getLogger(__name__)
+
+DATA_KEYS = {"train_file", "eval_files", "image_root", "max_tokens", "max_words", "crop_scale", "hflip", "careful_hflip", "randaug",
+             "eval_subset"}
+
+# "the left image", "right photos", "left-hand picture": left/right naming one of the two images.
+_IMAGE_POSITION_RE = re.compile(r"\b(left|right)(\s+|-)(hand\s+)?(image|picture|photo|pic|frame|panel)s?\b", re.IGNORECASE)
+
+
+def spatial_left_right(statement: str) -> bool:
+    """Whether ``statement`` says left/right about positions inside an image (not which image)."""
+    return mentions_left_or_right(_IMAGE_POSITION_RE.sub(" ", statement))
+
+
+@dataclass(frozen=True)
+class NLVRItem:
+    left: str
+    right: str
+    text: str  # cleaned (pre_caption)
+    raw_text: str
+    label: int  # 1 = true
+
+
+def load_nlvr_file(path: str | Path, max_words: int = 30) -> list[NLVRItem]:
+    items = []
+    for k, ex in enumerate(read_nlvr2(path)):
+        try:
+            text = pre_caption(ex.sentence, max_words)
+        except ValueError:
+            raise DataFormatError(f"{path}[{k}]: field 'sentence' {ex.sentence!r} is empty after cleaning") from None
+        items.append(NLVRItem(ex.images[0], ex.images[1], text, ex.sentence, int(ex.label)))
+    if not items:
+        raise DataFormatError(f"{path}: no statements")
+    return items
+
+
+def _load(image_root: str | None, image: str, source: str, field: str):
+    return load_image(str(Path(image_root) / image) if image_root else image, is_path=True, source=source, field=field)
+
+
+@dataclass
+class NLVRSample:
+    left: torch.Tensor
+    right: torch.Tensor
+    text: str
+    label: int
+
+
+class NLVRTrainSet:
+    def __init__(self, items: list[NLVRItem], sources: list[str], image_root: str | None, transform: FinetuneTrainTransform,
+                 careful_hflip: bool):
+        self.items, self.sources, self.image_root = items, sources, image_root
+        self.transform, self.careful_hflip = transform, careful_hflip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, index: int, rng: np.random.Generator) -> NLVRSample:
+        item, source = self.items[index], self.sources[index]
+        # ``texts`` makes the transform's flip caption-aware: pass the statement only when it talks
+        # about left/right inside an image, so the flip is then switched off for both images.
+        texts = item.raw_text if self.careful_hflip and spatial_left_right(item.raw_text) else None
+        left = self.transform(_load(self.image_root, item.left, source, "images[0]"), rng, texts=texts)
+        right = self.transform(_load(self.image_root, item.right, source, "images[1]"), rng, texts=texts)
+        return NLVRSample(left, right, item.text, item.label)
+
+
+@dataclass
+class NLVRBatch:
+    left: torch.Tensor
+    right: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> NLVRBatch:
+        return NLVRBatch(*(t.to(device) for t in (self.left, self.right, self.text_ids, self.text_mask, self.labels)))
+
+
+def make_collate(tokenizer: WordPieceTokenizer, max_tokens: int):
+    def collate(samples: list[NLVRSample]) -> NLVRBatch:
+        ids, mask = tokenizer([s.text for s in samples], max_length=max_tokens)
+        return NLVRBatch(torch.stack([s.left for s in samples]), torch.stack([s.right for s in samples]), ids, mask,
+                         torch.tensor([s.label for s in samples], dtype=torch.long))
+
+    return collate
+
+
+def nlvr_loss(model, batch: NLVRBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    logits = model.nlvr_logits(batch.left, batch.right, batch.text_ids, batch.text_mask)
+    return {"cls": F.cross_entropy(logits.float(), batch.labels)}
+
+
+@torch.no_grad()
+def predict_nlvr(model, items: list[NLVRItem], indices, image_root: str | None, tokenizer: WordPieceTokenizer,
+                 res: int, max_tokens: int, source: str, batch_size: int = 64, autocast=None) -> np.ndarray:
+    """Predicted labels (0/1) of ``items[i]`` for i in ``indices``."""
+    transform, device = EvalTransform(res), next(model.parameters()).device
+    indices = list(indices)
+    preds = []
+    for start in range(0, len(indices), batch_size):
+        chunk = [items[i] for i in indices[start : start + batch_size]]
+        left = torch.stack([transform(_load(image_root, it.left, source, "images[0]")) for it in chunk]).to(device)
+        right = torch.stack([transform(_load(image_root, it.right, source, "images[1]")) for it in chunk]).to(device)
+        ids, mask = tokenizer([it.text for it in chunk], max_length=max_tokens)
+        with autocast() if autocast else nullcontext():
+            logits = model.nlvr_logits(left, right, ids.to(device), mask.to(device))
+        preds.append(logits.argmax(dim=-1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_nlvr(model, items: list[NLVRItem], image_root: str | None, tokenizer: WordPieceTokenizer, res: int,
+                  max_tokens: int, source: str, ctx: EvalContext) -> dict[str, float]:
+    """``acc`` (%): this rank's share predicted, then gathered; every rank returns the same."""
+    mine = shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size)
+    preds = predict_nlvr(model, items, mine, image_root, tokenizer, res, max_tokens, source, ctx.batch_size, ctx.autocast)
+    labels = np.array([items[i].label for i in mine], dtype=np.int64)
+    local = torch.tensor(np.column_stack([np.asarray(mine, dtype=np.int64), preds == labels]), dtype=torch.long)
+    gathered = gather_tensors(local.to(next(model.parameters()).device), ctx.dist_info).cpu()
+    if sorted(gathered[:, 0].tolist()) != list(range(len(items))):
+        raise RuntimeError(f"{source}: evaluated {len(gathered)} statements, expected each of {len(items)} once")
+    return {"acc": 100.0 * gathered[:, 1].double().mean().item()}
+
+
+def _crop_scale(data: dict, where: str) -> tuple[float, float]:
+    value = data.get("crop_scale", [0.5, 1.0])
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not 0 < value[0] <= value[1] <= 1):
+        raise ValueError(f"{where}: key 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
+    check_keys(data, DATA_KEYS, where)
+    train_files = require_key(data, "train_file", where)
+    train_files = [str(f) for f in (train_files if isinstance(train_files, list) else [train_files])]
+    if not train_files:
+        raise ValueError(f"{where}: 'train_file' is an empty list")
+    eval_files = require_key(data, "eval_files", where)
+    if not isinstance(eval_files, dict) or not eval_files:
+        raise ValueError(f"{where}: 'eval_files' must map split names to files, the validation split first")
+    image_root = data.get("image_root")
+    max_tokens = positive_int_key(data, "max_tokens", 40, where)
+    max_words = positive_int_key(data, "max_words", 30, where)
+    transform = FinetuneTrainTransform(model_cfg.image_res, scale=_crop_scale(data, where),
+                                       randaug=bool_key(data, "randaug", True, where), hflip=bool_key(data, "hflip", True, where))
+    careful_hflip = bool_key(data, "careful_hflip", False, where)
+    train_items, train_sources = [], []
+    for path in train_files:
+        items = load_nlvr_file(path, max_words)
+        train_items += items
+        train_sources += [path] * len(items)
+    subset = optional_positive_int_key(data, "eval_subset", where)
+    eval_items = {str(split): evenly_spaced_subset(load_nlvr_file(path, max_words), subset, str(path))
+                  for split, path in eval_files.items()}
+    sources = {str(split): str(path) for split, path in eval_files.items()}
+    log.info("nlvr: %d training statements; %s", len(train_items), ", ".join(f"{s} {len(v)}" for s, v in eval_items.items()))
+
+    def evaluate(model, split: str, ctx: EvalContext) -> dict[str, float]:
+        if split not in eval_items:
+            raise ValueError(f"nlvr: unknown split {split!r}; configured: {list(eval_items)}")
+        return evaluate_nlvr(model, eval_items[split], image_root, tokenizer, model_cfg.image_res, max_tokens, sources[split], ctx)
+
+    return FinetuneTask(
+        name="nlvr",
+        model_task="nlvr",
+        train_set=NLVRTrainSet(train_items, train_sources, image_root, transform, careful_hflip),
+        collate=make_collate(tokenizer, max_tokens),
+        loss=nlvr_loss,
+        evaluate=evaluate,
+        eval_splits=list(eval_items),
+        selection_metric="acc",
+    )

@@ -1,0 +1,150 @@
+"""NLVR2: left/right-aware flipping, configuration checks, loss and evaluation on the tiny model and a
+tiny world."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from x2vlm.checkpoint import load_official
+from x2vlm.config import preset
+from x2vlm.data.readers import DataFormatError
+from x2vlm.models.x2vlm import X2VLM
+from x2vlm.tasks import nlvr as N
+from x2vlm.tasks.common import EvalContext
+from x2vlm.tokenizer import WordPieceTokenizer
+from x2vlm.train.distributed import DistInfo
+
+VOCAB = Path(__file__).parent / "data" / "parity" / "tiny_vocab.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> WordPieceTokenizer:
+    return WordPieceTokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    generate = importlib.import_module("x2vlm.world.generate")
+    out = tmp_path_factory.mktemp("world") / "micro"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(generate.SIZE_PRESETS, "micro",
+                   generate.SizePreset(generate._per_split(12, 6), generate._per_split(2, 1), generate._per_split(8, 6), 5, 4, 0.5, 1))
+        generate.generate(out, size="micro", seed=0)
+    return out
+
+
+def world_data(world: Path, **changes) -> dict:
+    return {
+        "train_file": str(world / "nlvr2/nlvr_train.json"),
+        "eval_files": {"val": str(world / "nlvr2/nlvr_val.json"), "test": str(world / "nlvr2/nlvr_test.json")},
+        "image_root": str(world / "images"),
+        "max_tokens": 24,
+        **changes,
+    }
+
+
+def tiny_nlvr_model(tiny_state) -> X2VLM:
+    torch.manual_seed(0)
+    model = X2VLM(preset("x2vlm-tiny", task="nlvr"))
+    assert sorted(load_official(model, tiny_state)) == [f"cls_head.{i}.{p}" for i in (0, 1, 3) for p in ("bias", "weight")]
+    return model.eval()
+
+
+@pytest.mark.parametrize("statement, spatial", [
+    ("The left image has more dogs than the right image.", False),
+    ("There are two dogs in the right picture", False),
+    ("In the left-hand photo a bird faces right.", True),
+    ("In the left image, the dog is left of the cat.", True),
+    ("The rightmost dog in the right image is brown", True),
+    ("A bright copyright notice is in both images", False),
+    ("Both images show the same number of birds", False),
+])
+def test_spatial_left_right(statement, spatial):
+    assert N.spatial_left_right(statement) is spatial
+
+
+def half_white(path: Path, size=(40, 20)) -> None:
+    """White left half, black right half: a flip shows as a dark left column."""
+    img = Image.new("RGB", size, (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))
+    img.save(path)
+
+
+def flips_seen(tmp_path: Path, statement: str, **settings) -> list[bool]:
+    half_white(tmp_path / "a.png")
+    item = N.NLVRItem("a.png", "a.png", statement.lower(), statement, 1)
+    transform = N.FinetuneTrainTransform(16, scale=(1.0, 1.0), randaug=False, hflip=settings.get("hflip", True))
+    train_set = N.NLVRTrainSet([item], ["t.json"], str(tmp_path), transform, settings.get("careful_hflip", True))
+    flips = []
+    for seed in range(12):
+        sample = train_set.get(0, np.random.default_rng(seed))
+        flips += [bool(image[:, :, 0].mean() < image[:, :, -1].mean()) for image in (sample.left, sample.right)]
+    return flips
+
+
+def test_flips_respect_statements_about_positions_inside_an_image(tmp_path):
+    assert any(flips_seen(tmp_path, "The left image has more dogs than the right image."))  # flips allowed
+    assert not any(flips_seen(tmp_path, "In the left image, the dog is left of the cat."))  # spatial: never
+    assert any(flips_seen(tmp_path, "In the left image, the dog is left of the cat.", careful_hflip=False))  # official
+    assert not any(flips_seen(tmp_path, "Two dogs.", hflip=False))
+    both = flips_seen(tmp_path, "Two dogs.")
+    assert both[0::2] != both[1::2]  # each image draws its own coin
+
+
+def test_build_task_reads_files_and_rejects_bad_configuration(world, tokenizer, tmp_path):
+    cfg = preset("x2vlm-tiny")
+    task = N.build_task(world_data(world), cfg, tokenizer, "data")
+    assert task.model_task == "nlvr" and task.eval_splits == ["val", "test"] and task.selection_metric == "acc"
+    raw = json.loads((world / "nlvr2/nlvr_train.json").read_text())
+    assert [it.label for it in task.train_set.items] == [int(r["label"] == "True") for r in raw]
+    two = N.build_task(world_data(world, train_file=[world_data(world)["train_file"]] * 2), cfg, tokenizer, "data")
+    assert len(two.train_set) == 2 * len(task.train_set)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['augment'\]"):
+        N.build_task(world_data(world, augment=True), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match="'crop_scale' must be"):
+        N.build_task(world_data(world, crop_scale=[0.9, 0.5]), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match="'max_tokens' must be a positive integer"):
+        N.build_task(world_data(world, max_tokens=0), cfg, tokenizer, "data")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"images": ["a.png"], "sentence": "x", "label": True}]))
+    with pytest.raises(DataFormatError, match=r"bad.json\[0\].*images"):
+        N.build_task(world_data(world, eval_files={"val": str(bad)}), cfg, tokenizer, "data")
+
+
+def test_loss_and_evaluation_on_the_tiny_world(world, tokenizer, tiny_state):
+    task = N.build_task(world_data(world), preset("x2vlm-tiny"), tokenizer, "data")
+    model = tiny_nlvr_model(tiny_state)
+    batch = task.collate([task.train_set.get(i, np.random.default_rng(i)) for i in range(4)])
+    assert batch.left.shape == batch.right.shape == (4, 3, 64, 64) and batch.labels.dtype == torch.long
+    model.train()
+    losses = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert set(losses) == {"cls"} and torch.isfinite(losses["cls"])
+    losses["cls"].backward()
+    assert model.cls_head[0].weight.grad.abs().sum() > 0
+    model.eval()
+    ctx = EvalContext(DistInfo(), batch_size=4)
+    items = N.load_nlvr_file(world / "nlvr2/nlvr_val.json")
+    result = task.evaluate(model, "val", ctx)
+    assert set(result) == {"acc"}
+    preds = N.predict_nlvr(model, items, range(len(items)), str(world / "images"), tokenizer, 64, 24, "val", batch_size=len(items))
+    assert result["acc"] == pytest.approx(100 * np.mean(preds == np.array([it.label for it in items])))
+    assert set(task.evaluate(model, "test", ctx)) == {"acc"}
+    with pytest.raises(ValueError, match="unknown split"):
+        task.evaluate(model, "dev", ctx)
+
+
+@pytest.mark.parametrize("name", ["nlvr2_base", "nlvr2_large", "nlvr2_small_world"])
+def test_shipped_configs_parse_and_use_known_keys(name):
+    from x2vlm.tasks.common import check_keys
+    from x2vlm.train.finetune import load_finetune_config
+
+    cfg = load_finetune_config(Path(N.__file__).parents[1] / "configs" / "finetune" / f"{name}.yaml", task="nlvr")
+    check_keys(cfg.data, N.DATA_KEYS, name)
+    assert next(iter(cfg.data["eval_files"])) == "val"
