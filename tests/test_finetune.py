@@ -171,3 +171,17 @@ def test_evaluate_command_checks_the_model_task(toy_module, tmp_path):
     save_pretrained(X2VLM(preset("x2vlm-tiny", task="retrieval", tokenizer=VOCAB)), tmp_path / "retrieval_model")
     with pytest.raises(ValueError, match="needs a 'classification' model"):
         FT.run_evaluation(toy_config(tmp_path / "run"), tmp_path / "retrieval_model")
+
+
+def test_model_directory_is_found_from_a_run_a_pointer_or_itself(toy_module, tmp_path):
+    from x2vlm.checkpoint import resolve_model_dir
+
+    run = tmp_path / "run"
+    FT.run_finetuning(toy_config(run, epochs=1, ckpt_every=4))
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_00000008"
+    for name in (run, run / "checkpoints", run / "checkpoints" / "latest", latest):
+        assert resolve_model_dir(name) == latest
+    assert resolve_model_dir(run / "best") == run / "best"
+    with pytest.raises(FileNotFoundError, match="not an x2vlm model directory"):
+        resolve_model_dir(tmp_path)

@@ -94,9 +94,12 @@ def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     from x2vlm.tasks.retrieval import evaluate_retrieval, load_retrieval_split
     from x2vlm.tokenizer import WordPieceTokenizer
 
+    from x2vlm.checkpoint import resolve_model_dir
+
     torch.manual_seed(0)
-    model = from_pretrained(args.checkpoint)
-    tokenizer = WordPieceTokenizer.from_name_or_path(args.checkpoint if (Path(args.checkpoint) / "vocab.txt").exists() else model.cfg.tokenizer)
+    checkpoint = resolve_model_dir(args.checkpoint)
+    model = from_pretrained(checkpoint)
+    tokenizer = WordPieceTokenizer.from_name_or_path(checkpoint if (checkpoint / "vocab.txt").exists() else model.cfg.tokenizer)
     split = load_retrieval_split(args.data, args.image_root, model.cfg.image_res, tokenizer, args.max_tokens,
                                  frame_len=model.cfg.frame_len if args.video else 0)
     results = evaluate_retrieval(model, split.pixels, split.text_ids, split.text_mask, split.img2txt, split.txt2img,
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-retrieval", help="retrieval recalls (ITC, ITM re-ranked, ITM+ITC) of a model directory")
-    p.add_argument("--checkpoint", required=True, help="an x2vlm model directory")
+    p.add_argument("--checkpoint", required=True, help="an x2vlm model directory, or a run directory (its latest checkpoint)")
     p.add_argument("--data", required=True, help="Karpathy-style evaluation json ([{image, caption: [...]}])")
     p.add_argument("--image-root", required=True, help="folder the image (or video) paths are relative to")
     p.add_argument("--k-test", type=int, default=16, help="candidates re-ranked by ITM per query")
