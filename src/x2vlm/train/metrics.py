@@ -51,20 +51,22 @@ def count_step_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.get_total_flops()
 
 
-def measure_matmul_peak(device: torch.device, precision: str, size: int | None = None, repeats: int = 3) -> float:
-    """Achieved FLOP/s of a square matmul in the run's precision: the denominator of MFU."""
-    size = size or (4096 if device.type == "cuda" else 1024)
+def measure_matmul_peak(device: torch.device, precision: str, size: int | None = None, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a square matmul in the run's precision: the denominator of MFU. The best of
+    ``repeats`` timings, so that a moment of contention at start-up does not lower the peak."""
+    size = size or (4096 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
-    return 2 * size**3 / seconds
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
