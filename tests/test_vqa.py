@@ -338,3 +338,15 @@ def test_world_configs_build_on_a_world(world, name):
     task = FT.build_task(FT.dataclasses.replace(cfg, data=data), model_cfg, WordPieceTokenizer.from_name_or_path(model_cfg.tokenizer))
     assert task.eval_splits == ["val", "test"]
     assert len(task.train_set) > 0
+
+
+def test_convert_vqa_command_writes_the_processed_json(world, tmp_path):
+    from x2vlm.cli import main
+
+    manifest = json.loads((world / "manifest.json").read_text())
+    out = tmp_path / "vqa_val.json"
+    rc = main(["convert-vqa", str(world / "vqa/v2_OpenEnded_world_val_questions.json"), str(out),
+               "--annotations", str(world / "vqa/v2_world_val_annotations.json"),
+               "--image-template", manifest["vqa_image_template"]])
+    assert rc == 0
+    assert json.loads(out.read_text()) == json.loads((world / "vqa/vqa_val.json").read_text())

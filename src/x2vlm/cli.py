@@ -84,6 +84,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_vqa(args: argparse.Namespace) -> int:
+    """Official VQA v2 question (+ annotation) files -> the processed json ``x2vlm finetune vqa`` reads."""
+    from x2vlm.tasks.vqa import convert_vqa_official
+
+    kwargs = {"image_template": args.image_template} if args.image_template else {}
+    count = convert_vqa_official(args.questions, args.annotations, args.out, args.image_prefix, **kwargs)
+    log.info("%d questions -> %s", count, args.out)
+    return 0
+
+
 def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     """Zero-shot or fine-tuned retrieval recalls of a model directory on a Karpathy-style file."""
     import json
@@ -149,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out-dir", help="where metrics and prediction files go (default: the config's out_dir)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("convert-vqa", help="official VQA v2 question/annotation files -> the processed json the VQA task reads")
+    p.add_argument("questions", help="e.g. v2_OpenEnded_mscoco_train2014_questions.json")
+    p.add_argument("out", help="processed json to write")
+    p.add_argument("--annotations", help="e.g. v2_mscoco_train2014_annotations.json (omit for test-dev: no answers)")
+    p.add_argument("--image-prefix", default="", help="prepended to every image path")
+    p.add_argument("--image-template", help="image file name template (default: COCO naming from data_subtype and image_id)")
+    p.set_defaults(func=cmd_convert_vqa)
 
     p = sub.add_parser("evaluate-retrieval", help="retrieval recalls (ITC, ITM re-ranked, ITM+ITC) of a model directory")
     p.add_argument("--checkpoint", required=True, help="an x2vlm model directory, or a run directory (its latest checkpoint)")
