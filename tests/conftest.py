@@ -1,3 +1,4 @@
+import importlib
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 PARITY = Path(__file__).parent / "data" / "parity"
+TINY_VOCAB = str(PARITY / "tiny_vocab.txt")  # the tiny model's WordPiece vocabulary
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +27,48 @@ def tiny_inputs() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def tiny_outputs() -> dict[str, torch.Tensor]:
     return load_file(str(PARITY / "tiny_outputs.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tokenizer of the tiny vocabulary (``TINY_VOCAB``)."""
+    from x2vlm.tokenizer import WordPieceTokenizer
+
+    return WordPieceTokenizer(TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """The generated world of size "tiny", seed 0; shared by the test modules, so only read it."""
+    from x2vlm.world import generate
+
+    out = tmp_path_factory.mktemp("tiny_world") / "tiny"
+    generate(out, size="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory) -> Path:
+    """A very small generated world (a custom size preset: a dozen training scenes), seed 0;
+    shared by the test modules, so only read it."""
+    generate = importlib.import_module("x2vlm.world.generate")
+    out = tmp_path_factory.mktemp("micro_world") / "micro"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(generate.SIZE_PRESETS, "micro",
+                   generate.SizePreset(generate._per_split(12, 6), generate._per_split(2, 1), generate._per_split(8, 6), 5, 4, 0.5, 1))
+        generate.generate(out, size="micro", seed=0)
+    return out
+
+
+def tiny_finetune_config(task: str, data: dict, out_dir: Path, **changes):
+    """A fine-tuning run config of the tiny preset (tiny vocabulary, random init, fp32, no
+    tensorboard) for ``task`` with data section ``data``; ``changes`` sets further keys."""
+    from x2vlm.train.finetune import build_finetune_config
+
+    return build_finetune_config({
+        "task": task, "model": "x2vlm-tiny", "model_changes": {"tokenizer": TINY_VOCAB}, "init": "scratch", "data": data,
+        "out_dir": str(out_dir), "precision": "fp32", "tensorboard": False, **changes,
+    }, f"tiny {task} config")
 
 
 def build_tiny(task: str, tiny_state):

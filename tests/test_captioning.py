@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY, build_tiny
+from conftest import build_tiny
 
 from x2vlm import objectives as O
 from x2vlm.config import preset
@@ -17,7 +17,6 @@ from x2vlm.data.readers import DataFormatError
 from x2vlm.generation import greedy_caption, sample_captions
 from x2vlm.tasks import captioning as C
 from x2vlm.tasks.common import EvalContext
-from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
 from x2vlm.train.finetune import load_finetune_config
 
@@ -25,11 +24,6 @@ CLS, SEP, MASK, PAD = 101, 102, 103, 0
 PROMPT = [101, 142, 211, 209]  # [CLS] a picture of (tiny vocabulary)
 CONFIGS = Path(C.__file__).parents[1] / "configs" / "finetune"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO caption metrics need java")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return WordPieceTokenizer(PARITY / "tiny_vocab.txt")
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def test_config_json_rejects_unknown_keys(tmp_path):
     data["vision"]["widht"] = 3
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"config.json: vision: unknown config key\(s\) \['widht'\]"):
+    with pytest.raises(ValueError, match=r"config.json: vision: unknown key\(s\) \['widht'\]"):
         X2VLMConfig.load(path)
     assert X2VLMConfig.from_dict(cfg.to_dict()) == cfg
 

@@ -3,14 +3,13 @@ configuration checks, and loss / evaluation / pictures on the tiny model and a t
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import TINY_VOCAB, build_tiny
 from PIL import Image
 
 from x2vlm.config import preset
@@ -21,24 +20,10 @@ from x2vlm.tasks.common import EvalContext
 from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
 
-VOCAB = Path(__file__).parent / "data" / "parity" / "tiny_vocab.txt"
-
 
 @pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    return WordPieceTokenizer(VOCAB)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """A very small generated world (a custom size preset: a dozen training scenes)."""
-    generate = importlib.import_module("x2vlm.world.generate")
-    out = tmp_path_factory.mktemp("world") / "micro"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(generate.SIZE_PRESETS, "micro",
-                   generate.SizePreset(generate._per_split(12, 6), generate._per_split(2, 1), generate._per_split(8, 6), 5, 4, 0.5, 1))
-        generate.generate(out, size="micro", seed=0)
-    return out
+def world(micro_world) -> Path:
+    return micro_world
 
 
 def world_data(world: Path, refer: bool = True, **changes) -> dict:
@@ -136,7 +121,7 @@ def test_evaluation_uses_each_images_own_size(tmp_path):
     ], {"wide.png": (200, 100), "tall.png": (40, 80)})
     items = G.load_grounding_file(path)
     settings = G.GroundingSettings(res=32)
-    tok = WordPieceTokenizer(VOCAB)
+    tok = WordPieceTokenizer(TINY_VOCAB)
     order, boxes = G.predict_split(FixedBoxModel([0.5, 0.5, 0.5, 0.5]), items, str(tmp_path), tok, settings, str(path), batch_size=1)
     by_item = dict(zip(order.tolist(), boxes.tolist()))
     assert by_item[0] == pytest.approx([50, 25, 100, 50]) and by_item[3] == pytest.approx([10, 20, 20, 40])
@@ -153,7 +138,7 @@ def test_stated_image_size_must_match_the_file(tmp_path):
                          {"a.png": (20, 30)})
     items = G.load_grounding_file(path)
     with pytest.raises(DataFormatError, match="a.png is 20x30, the annotations say 30x20"):
-        G.predict_split(FixedBoxModel([0.5] * 4), items, str(tmp_path), WordPieceTokenizer(VOCAB), G.GroundingSettings(res=32), str(path))
+        G.predict_split(FixedBoxModel([0.5] * 4), items, str(tmp_path), WordPieceTokenizer(TINY_VOCAB), G.GroundingSettings(res=32), str(path))
 
 
 # -- training samples --------------------------------------------------------------------------------
@@ -273,12 +258,6 @@ def test_loss_and_evaluation_on_the_tiny_world(world, tokenizer, tiny_state, tmp
     assert len(pictures) == G.DRAWN_ITEMS and all(p.exists() and p.suffix == ".png" for p in pictures)
     subset = G.build_task(world_data(world, eval_subset=5), preset("x2vlm-tiny"), tokenizer, "data")
     assert subset.evaluate(model, "val", ctx)["acc"] % 20 == 0  # 5 expressions
-
-
-def test_eval_subset_is_evenly_spaced():
-    assert G.evenly_spaced_subset(list(range(10)), 4, "f") == [0, 3, 6, 9]
-    assert G.evenly_spaced_subset(list(range(4)), None, "f") == [0, 1, 2, 3]
-    assert G.evenly_spaced_subset(list(range(4)), 9, "f") == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("name", ["grounding_refcoco_base", "grounding_refcoco_large", "grounding_small_world"])

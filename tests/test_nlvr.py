@@ -3,7 +3,6 @@ tiny world."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -18,26 +17,12 @@ from x2vlm.data.readers import DataFormatError
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tasks import nlvr as N
 from x2vlm.tasks.common import EvalContext
-from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
 
-VOCAB = Path(__file__).parent / "data" / "parity" / "tiny_vocab.txt"
-
 
 @pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    return WordPieceTokenizer(VOCAB)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    generate = importlib.import_module("x2vlm.world.generate")
-    out = tmp_path_factory.mktemp("world") / "micro"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(generate.SIZE_PRESETS, "micro",
-                   generate.SizePreset(generate._per_split(12, 6), generate._per_split(2, 1), generate._per_split(8, 6), 5, 4, 0.5, 1))
-        generate.generate(out, size="micro", seed=0)
-    return out
+def world(micro_world) -> Path:
+    return micro_world
 
 
 def world_data(world: Path, **changes) -> dict:

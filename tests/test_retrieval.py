@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_finetune_config
 
 from x2vlm.tasks.retrieval import (
     NOT_A_CANDIDATE,
@@ -106,9 +106,6 @@ from x2vlm.tasks.retrieval import (
 from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
 
-PARITY = Path(__file__).parent / "data" / "parity"
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: thread hand-offs cost more than the work, badly so on a busy machine."""
@@ -119,17 +116,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> Path:
+def retrieval_world(tmp_path_factory) -> Path:
     from x2vlm.world import generate
 
     root = tmp_path_factory.mktemp("retrieval_world")
     generate(root, size="tiny", seed=1, image_size=64)
     return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return WordPieceTokenizer.from_name_or_path(PARITY / "tiny_vocab.txt")
 
 
 def image_data(world: Path, **changes) -> dict:
@@ -155,27 +147,27 @@ def random_gallery(num_images=7, num_texts=11, seed=3):
     return pixels, ids, mask
 
 
-def test_build_task_validates_its_data_section(tiny_world, tokenizer):
+def test_build_task_validates_its_data_section(retrieval_world, tokenizer):
     cfg = preset("x2vlm-tiny")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['k_tset'\]"):
-        build_task(image_data(tiny_world, k_tset=3), cfg, tokenizer, "data")
-    data = image_data(tiny_world)
+        build_task(image_data(retrieval_world, k_tset=3), cfg, tokenizer, "data")
+    data = image_data(retrieval_world)
     del data["val_file"]
     with pytest.raises(ValueError, match=r"missing key\(s\) \['val_file'\]"):
         build_task(data, cfg, tokenizer, "data")
     with pytest.raises(ValueError, match="'hflip' must be"):
-        build_task(image_data(tiny_world, hflip="sometimes"), cfg, tokenizer, "data")
+        build_task(image_data(retrieval_world, hflip="sometimes"), cfg, tokenizer, "data")
     with pytest.raises(ValueError, match="'crop_scale'"):
-        build_task(image_data(tiny_world, crop_scale=[0.8, 0.5]), cfg, tokenizer, "data")
+        build_task(image_data(retrieval_world, crop_scale=[0.8, 0.5]), cfg, tokenizer, "data")
     with pytest.raises(ValueError, match="'k_test' must be a positive integer"):
-        build_task(image_data(tiny_world, k_test=0), cfg, tokenizer, "data")
+        build_task(image_data(retrieval_world, k_test=0), cfg, tokenizer, "data")
     with pytest.raises(ValueError, match="'selection_metric'"):
-        build_task(image_data(tiny_world, selection_metric="recall"), cfg, tokenizer, "data")
+        build_task(image_data(retrieval_world, selection_metric="recall"), cfg, tokenizer, "data")
     with pytest.raises(ValueError, match="'video' is true but model .* frame_len 0"):
-        build_task(video_data(tiny_world), cfg.replace(frame_len=0, add_frame_pos=False), tokenizer, "data")
+        build_task(video_data(retrieval_world), cfg.replace(frame_len=0, add_frame_pos=False), tokenizer, "data")
     with pytest.raises(FileNotFoundError, match="'image_root'"):
-        build_task(image_data(tiny_world, image_root=str(tiny_world / "nowhere")), cfg, tokenizer, "data")
-    task = build_task(image_data(tiny_world, selection_metric="img_r_mean"), cfg, tokenizer, "data")
+        build_task(image_data(retrieval_world, image_root=str(retrieval_world / "nowhere")), cfg, tokenizer, "data")
+    task = build_task(image_data(retrieval_world, selection_metric="img_r_mean"), cfg, tokenizer, "data")
     assert task.model_task == "retrieval" and task.eval_splits == ["val", "test"] and task.selection_metric == "img_r_mean"
 
 
@@ -371,8 +363,8 @@ def check_metrics(metrics: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def test_evaluate_and_draw_on_the_tiny_world(tiny_world, tokenizer, tiny_state, tmp_path):
-    task = build_task(image_data(tiny_world), preset("x2vlm-tiny"), tokenizer, "data")
+def test_evaluate_and_draw_on_the_tiny_world(retrieval_world, tokenizer, tiny_state, tmp_path):
+    task = build_task(image_data(retrieval_world), preset("x2vlm-tiny"), tokenizer, "data")
     model = build_tiny("retrieval", tiny_state)
     ctx = EvalContext(DistInfo(), batch_size=8, out_dir=tmp_path)
     metrics = task.evaluate(model, "val", ctx)
@@ -382,8 +374,8 @@ def test_evaluate_and_draw_on_the_tiny_world(tiny_world, tokenizer, tiny_state, 
     assert [p.name for p in pictures] == ["retrieval_test.png"] and Image.open(pictures[0]).size[0] >= 480
 
 
-def test_video_retrieval_on_the_tiny_world(tiny_world, tokenizer, tiny_state, tmp_path):
-    task = build_task(video_data(tiny_world), preset("x2vlm-tiny"), tokenizer, "data")
+def test_video_retrieval_on_the_tiny_world(retrieval_world, tokenizer, tiny_state, tmp_path):
+    task = build_task(video_data(retrieval_world), preset("x2vlm-tiny"), tokenizer, "data")
     model = build_tiny("retrieval", tiny_state)
     sample = task.train_set.get(0, np.random.default_rng(0))
     assert sample.pixels.shape == (3, 3, 64, 64)  # frame_len 3 of the tiny model
@@ -396,13 +388,11 @@ def test_video_retrieval_on_the_tiny_world(tiny_world, tokenizer, tiny_state, tm
         check_metrics(task.evaluate(model, "val", EvalContext(DistInfo(), batch_size=4, out_dir=tmp_path)))
 
 
-def test_finetuning_loop_runs_retrieval_end_to_end(tiny_world, tmp_path):
+def test_finetuning_loop_runs_retrieval_end_to_end(retrieval_world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    data = image_data(tiny_world, hflip="swap", crop_scale=[1.0, 1.0], randaug=False)
-    cfg = FT.build_finetune_config({"task": "retrieval", "model": "x2vlm-tiny", "model_changes": {"tokenizer": str(PARITY / "tiny_vocab.txt")},
-                                    "data": data, "max_steps": 4, "batch_size": 4, "eval_every": 2, "precision": "fp32",
-                                    "out_dir": str(tmp_path / "run"), "tensorboard": False}, "test config")
+    data = image_data(retrieval_world, hflip="swap", crop_scale=[1.0, 1.0], randaug=False)
+    cfg = tiny_finetune_config("retrieval", data, tmp_path / "run", max_steps=4, batch_size=4, eval_every=2)
     summary = FT.run_finetuning(cfg)
     assert summary["selection"]["metric"] == summary["validation_history"][summary["selection"]["step"] // 2 - 1]["r_mean"]
     check_metrics(summary["results"]["test"])
@@ -415,7 +405,7 @@ CONFIGS = Path(__file__).parents[1] / "src" / "x2vlm" / "configs" / "finetune"
 
 @pytest.mark.parametrize("name", ["retrieval_coco_base", "retrieval_coco_large", "retrieval_flickr_base", "retrieval_msrvtt_base",
                                   "retrieval_small_world", "video_retrieval_small_world"])
-def test_shipped_configs_are_valid(name, tiny_world, tmp_path):
+def test_shipped_configs_are_valid(name, retrieval_world, tmp_path):
     from x2vlm.train import finetune as FT
 
     text = (CONFIGS / f"{name}.yaml").read_text()
@@ -426,7 +416,7 @@ def test_shipped_configs_are_valid(name, tiny_world, tmp_path):
 
         assert set(cfg.data) <= DATA_KEYS and model_cfg.image_res == 384
         return
-    (tmp_path / "c.yaml").write_text(text.replace("runs/world", str(tiny_world)))
+    (tmp_path / "c.yaml").write_text(text.replace("runs/world", str(retrieval_world)))
     cfg = FT.load_finetune_config(tmp_path / "c.yaml", task="retrieval")
     task = FT.build_task(cfg, model_cfg, WordPieceTokenizer.from_name_or_path(model_cfg.tokenizer))
     sample = task.train_set.get(0, np.random.default_rng(0))

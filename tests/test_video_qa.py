@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_finetune_config
 
 from x2vlm.checkpoint import load_official
 from x2vlm.config import preset
@@ -19,23 +20,12 @@ from x2vlm.data.video import read_video_frames
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tasks import video_qa as VQ
 from x2vlm.tasks.common import EvalContext
-from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
-from x2vlm.world import generate
-
-VOCAB = str(Path(__file__).parent / "data" / "parity" / "tiny_vocab.txt")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("video_qa_world") / "tiny"
-    generate(out, size="tiny", seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    return WordPieceTokenizer.from_name_or_path(VOCAB)
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +150,8 @@ def test_build_task_rejects_bad_configuration(world, tokenizer):
 def test_finetuning_loop_runs_the_task(world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    cfg = FT.build_finetune_config({
-        "task": "video_qa", "model": "x2vlm-tiny", "model_changes": {"tokenizer": VOCAB}, "init": "scratch",
-        "data": world_data(world, randaug=False), "max_steps": 2, "batch_size": 4, "eval_batch_size": 16,
-        "out_dir": str(tmp_path / "run"), "precision": "fp32", "tensorboard": False, "log_every": 1,
-    }, "test")
+    cfg = tiny_finetune_config("video_qa", world_data(world, randaug=False), tmp_path / "run", max_steps=2, batch_size=4,
+                               eval_batch_size=16, log_every=1)
     summary = FT.run_finetuning(cfg)
     assert set(summary["results"]) == {"val", "test"}
     assert 0.0 <= summary["results"]["test"]["acc"] <= 100.0

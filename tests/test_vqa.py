@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_finetune_config
 
 from x2vlm.config import preset
 from x2vlm.data.readers import read_vqa_json
@@ -27,21 +27,11 @@ from x2vlm.tasks.vqa_accuracy import (
 )
 from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
-from x2vlm.world import generate
-
-VOCAB = str(Path(__file__).parent / "data" / "parity" / "tiny_vocab.txt")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vqa_world") / "tiny"
-    generate(out, size="tiny", seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    return WordPieceTokenizer.from_name_or_path(VOCAB)
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -285,11 +275,8 @@ def test_conversion_without_annotations_and_with_coco_names(world, tmp_path):
 def test_finetuning_loop_runs_the_task(world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    cfg = FT.build_finetune_config({
-        "task": "vqa", "model": "x2vlm-tiny", "model_changes": {"tokenizer": VOCAB}, "init": "scratch",
-        "data": world_data(world, randaug=False), "max_steps": 2, "batch_size": 4, "eval_batch_size": 32,
-        "out_dir": str(tmp_path / "run"), "precision": "fp32", "tensorboard": False, "log_every": 1,
-    }, "test")
+    cfg = tiny_finetune_config("vqa", world_data(world, randaug=False), tmp_path / "run", max_steps=2, batch_size=4,
+                               eval_batch_size=32, log_every=1)
     summary = FT.run_finetuning(cfg)
     assert set(summary["results"]) == {"val", "test"}
     assert "acc_yes/no" in summary["results"]["val"]

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -88,9 +88,9 @@ class X2VLMConfig:
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
-            self.vision = _from_dict(VisionConfig, self.vision, "vision")
+            self.vision = dataclass_from_mapping(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
-            self.text = _from_dict(TextConfig, self.text, "text")
+            self.text = dataclass_from_mapping(TextConfig, self.text, "text")
         self.validate()
 
     # -- derived -------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class X2VLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "X2VLMConfig":
-        return _from_dict(cls, data, "config")
+        return dataclass_from_mapping(cls, copy.deepcopy(data), "config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -161,14 +161,37 @@ class X2VLMConfig:
         return X2VLMConfig.from_dict(data)
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+# -- mappings (YAML / JSON) -> dataclasses ----------------------------------------------------------
+def check_keys(section: Any, known: set[str], where: str) -> None:
+    """``section`` must be a mapping whose keys are all ``known``; the error names ``where``, the
+    unknown keys and the known ones (a typo never silently becomes a default)."""
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {unknown}; known keys are {sorted(known)}")
-    return cls(**copy.deepcopy(data))
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def dataclass_from_mapping(cls, data: Any, where: str, sections: dict[str, type | Callable[[Any, str], Any]] | None = None):
+    """``cls(**data)`` for the dataclass ``cls``, after ``check_keys`` against its fields.
+
+    ``sections`` builds the named fields that are present from their value: a dataclass type (a
+    nested mapping, checked the same way) or a function ``(value, where) -> field value``; the nested
+    ``where`` is ``"<where>: <field>"``."""
+    check_keys(data, field_names(cls), where)
+    kwargs = dict(data)
+    for name, build in (sections or {}).items():
+        if name in kwargs:
+            inner = f"{where}: {name}"
+            if dataclasses.is_dataclass(build):
+                kwargs[name] = dataclass_from_mapping(build, kwargs[name], inner)
+            else:
+                kwargs[name] = build(kwargs[name], inner)
+    return cls(**kwargs)
 
 
 # -- presets ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from x2vlm.config import X2VLMConfig
+from x2vlm.config import X2VLMConfig, check_keys, field_names
 from x2vlm.data.masking import IGNORE_INDEX, MaskingConfig, pad_masked_targets
 from x2vlm.data.pretrain_samples import RegionItem, RegionSample, SampleDecoder, SkipSample, TextItem
 from x2vlm.data.stream import TAG_BATCH, TAG_SAMPLE, ShardStream, Slot, StreamPosition, derive_rng, resolve_shards
@@ -163,12 +163,7 @@ class SourceConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "source") -> "SourceConfig":
         """Build from a YAML/JSON mapping; an unknown key is an error naming the key."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        check_keys(data, field_names(cls), where)
         try:
             return cls(**data)
         except (TypeError, ValueError) as error:

@@ -63,7 +63,18 @@ from x2vlm.generation import (
     sample_captions,
 )
 from x2vlm.objectives import caption_loss
-from x2vlm.tasks.common import EvalContext, FinetuneTask, check_keys, shard_range
+from x2vlm.tasks.common import (
+    EvalContext,
+    FinetuneTask,
+    at_least,
+    bool_key,
+    check_keys,
+    crop_scale_key,
+    existing_path,
+    model_device,
+    shard_range,
+    typed_key,
+)
 from x2vlm.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -383,7 +394,7 @@ def caption_split(model, split: CaptionSplit, indices: Sequence[int], image_root
                   gen: CaptionGeneration, tokenizer: WordPieceTokenizer, batch_size: int, autocast=None) -> list[str]:
     """Captions for ``split.images[indices]`` in batches of ``batch_size``."""
     transform = EvalTransform(model.cfg.image_res)
-    device = next(model.parameters()).device
+    device = model_device(model)
     captions: list[str] = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
@@ -582,37 +593,12 @@ DATA_KEYS = {
 }
 
 
-def _option(data: dict, key: str, kind, default, where: str):
-    """``data[key]`` checked against ``kind`` (a type or tuple of types), or ``default``."""
-    value = data.get(key, default)
-    if value is None and default is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}: key {key!r}: expected {names}, got {value!r}")
-    return value
-
-
-def _positive(value: int, key: str, where: str, minimum: int = 1) -> int:
-    if value < minimum:
-        raise ValueError(f"{where}: key {key!r}: must be >= {minimum}, got {value}")
-    return value
-
-
-def _existing(path: str | None, key: str, where: str) -> str | None:
-    if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"{where}: key {key!r}: no file at {path}")
-    return path
-
-
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
     check_keys(data, DATA_KEYS, where)
-    image_root = _option(data, "image_root", str, None, where)
+    image_root = typed_key(data, "image_root", str, None, where)
     if image_root is None:
         raise ValueError(f"{where}: missing key 'image_root'")
-    train_files = _option(data, "train_file", (str, list), None, where)
+    train_files = typed_key(data, "train_file", (str, list), None, where)
     if train_files is None:
         raise ValueError(f"{where}: missing key 'train_file' (Karpathy train json, or a list of them)")
     train_files = [train_files] if isinstance(train_files, str) else train_files
@@ -620,42 +606,39 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         raise ValueError(f"{where}: key 'train_file': expected a path or a non-empty list of paths, got {train_files!r}")
     max_positions = model_cfg.text.max_position_embeddings
 
-    prompt = _option(data, "prompt", str, DEFAULT_PROMPT, where)
+    prompt = typed_key(data, "prompt", str, DEFAULT_PROMPT, where)
     prompt_ids = tokenizer.encode_one(prompt)[:-1]  # [CLS] + prompt pieces, no [SEP]
-    max_tokens = _positive(_option(data, "max_tokens", int, 40, where), "max_tokens", where, len(prompt_ids) + 2)
+    max_tokens = at_least(typed_key(data, "max_tokens", int, 40, where), "max_tokens", where, len(prompt_ids) + 2)
     masking = MaskingConfig(
-        mask_prob=_option(data, "mask_prob", float, 0.6, where), max_masks=_option(data, "max_masks", int, 18, where),
-        whole_word=_option(data, "whole_word", bool, True, where), skipgram_prb=_option(data, "skipgram_prb", float, 0.2, where),
-        skipgram_size=_option(data, "skipgram_size", int, 3, where))
-    fg_free = _option(data, "fg_free", bool, True, where)
+        mask_prob=typed_key(data, "mask_prob", float, 0.6, where), max_masks=typed_key(data, "max_masks", int, 18, where),
+        whole_word=bool_key(data, "whole_word", True, where), skipgram_prb=typed_key(data, "skipgram_prb", float, 0.2, where),
+        skipgram_size=typed_key(data, "skipgram_size", int, 3, where))
+    fg_free = bool_key(data, "fg_free", True, where)
     longest = max_tokens + (masking.max_masks if fg_free else 0)
     if longest > max_positions:
         raise ValueError(f"{where}: max_tokens {max_tokens}{' + max_masks ' + str(masking.max_masks) if fg_free else ''} "
                          f"exceeds the model's {max_positions} position embeddings")
     gen = CaptionGeneration(
-        num_beams=_positive(_option(data, "num_beams", int, 3, where), "num_beams", where),
-        min_length=_positive(_option(data, "min_length", int, 5, where), "min_length", where, 0),
-        max_length=_positive(_option(data, "max_length", int, 50, where), "max_length", where),
-        length_penalty=_option(data, "length_penalty", float, 0.0, where),
-        block_repeated_trigrams=_option(data, "block_repeated_trigrams", bool, True, where),
-        greedy=_option(data, "greedy", bool, False, where))
+        num_beams=at_least(typed_key(data, "num_beams", int, 3, where), "num_beams", where),
+        min_length=at_least(typed_key(data, "min_length", int, 5, where), "min_length", where, 0),
+        max_length=at_least(typed_key(data, "max_length", int, 50, where), "max_length", where),
+        length_penalty=typed_key(data, "length_penalty", float, 0.0, where),
+        block_repeated_trigrams=bool_key(data, "block_repeated_trigrams", True, where),
+        greedy=bool_key(data, "greedy", False, where))
     caption_settings(gen, len(prompt_ids), max_positions)  # fails early on too long generation
-    metrics = _option(data, "metrics", list, list(METRIC_GROUPS), where)
+    metrics = typed_key(data, "metrics", list, list(METRIC_GROUPS), where)
     unknown = sorted(set(metrics) - set(METRIC_GROUPS))
     if unknown or SELECTION_METRIC not in metrics:
         raise ValueError(f"{where}: key 'metrics': {metrics!r}; choose from {list(METRIC_GROUPS)} (cider is required: it selects the model)")
-    crop_scale = _option(data, "crop_scale", list, [0.5, 1.0], where)
-    if len(crop_scale) != 2 or not all(isinstance(v, int | float) for v in crop_scale) or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ValueError(f"{where}: key 'crop_scale': expected [low, high] with 0 < low <= high <= 1, got {crop_scale!r}")
-    transform = FinetuneTrainTransform(model_cfg.image_res, scale=(float(crop_scale[0]), float(crop_scale[1])),
-                                       randaug=_option(data, "randaugment", bool, True, where),
-                                       hflip=_option(data, "hflip", bool, True, where))
-    image_id_key = _option(data, "image_id_key", str, None, where)
+    transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where),
+                                       randaug=bool_key(data, "randaugment", True, where),
+                                       hflip=bool_key(data, "hflip", True, where))
+    image_id_key = typed_key(data, "image_id_key", str, None, where)
 
     splits: dict[str, CaptionSplit] = {}
     for name in ("val", "test"):
-        file = _existing(_option(data, f"{name}_file", str, None, where), f"{name}_file", where)
-        gt = _existing(_option(data, f"{name}_gt", str, None, where), f"{name}_gt", where)
+        file = existing_path(typed_key(data, f"{name}_file", str, None, where), f"{name}_file", where)
+        gt = existing_path(typed_key(data, f"{name}_gt", str, None, where), f"{name}_gt", where)
         if file is None:
             if gt is not None:
                 raise ValueError(f"{where}: key '{name}_gt' given without '{name}_file'")
@@ -666,10 +649,10 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if not splits:
         raise ValueError(f"{where}: give 'val_file' (model selection) and/or 'test_file'")
 
-    max_words = _option(data, "max_words", int, 40, where)
+    max_words = typed_key(data, "max_words", int, 40, where)
     pairs = []
     for file in train_files:
-        file_pairs = read_karpathy_train(_existing(file, "train_file", where))
+        file_pairs = read_karpathy_train(existing_path(file, "train_file", where))
         for k, pair in enumerate(file_pairs):
             try:
                 pre_caption(pair.caption, max_words)
@@ -681,9 +664,9 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     source = ",".join(train_files)
     prompt_tensor = torch.tensor(prompt_ids)
 
-    if _option(data, "scst", bool, False, where):
+    if bool_key(data, "scst", False, where):
         train_set = ScstTrainSet(pairs, image_root, transform, source)
-        samples = _positive(_option(data, "scst_samples", int, 1, where), "scst_samples", where)
+        samples = at_least(typed_key(data, "scst_samples", int, 1, where), "scst_samples", where)
         objective = ScstObjective(CiderD(train_set.references), train_set.references, prompt_tensor, tokenizer, gen.max_length, samples)
 
         def collate(samples_):
@@ -693,7 +676,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     else:
         encoder = CaptionEncoder(tokenizer, tuple(prompt_ids), masking, max_tokens, max_words, fg_free)
         train_set = CaptionTrainSet(pairs, image_root, transform, encoder, source)
-        smoothing = _option(data, "label_smoothing", float, 0.1, where)
+        smoothing = typed_key(data, "label_smoothing", float, 0.1, where)
 
         def collate(samples_):
             images = torch.stack([s[0] for s in samples_])
@@ -709,7 +692,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
             raise ValueError(f"captioning: no split {split!r}; configured: {list(splits)}")
         return evaluate_captions(model, splits[split], ctx, image_root, prompt_tensor, gen, tokenizer, metrics)
 
-    draw_count = _positive(_option(data, "draw_images", int, 4, where), "draw_images", where, 0)
+    draw_count = at_least(typed_key(data, "draw_images", int, 4, where), "draw_images", where, 0)
     draw_split = splits[list(splits)[-1]]
 
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:

@@ -16,6 +16,8 @@ A task is plain data plus functions, built by its module's ``build_task(...)``:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -23,7 +25,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from x2vlm.config import check_keys as check_keys  # a task validates its data section with it
 from x2vlm.train.distributed import DistInfo
+
+log = logging.getLogger(__name__)
 
 
 class TrainSet(Protocol):
@@ -60,13 +65,106 @@ class FinetuneTask:
     lr_mult_prefixes: tuple[str, ...] = ()
 
 
-def check_keys(section: dict, known: set[str], where: str) -> None:
-    """Unknown configuration keys are errors that name the key and the known ones."""
-    if not isinstance(section, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+# -- values of a task's data section (errors name ``where`` and the key) -------------------------------
+def require_key(data: dict, key: str, where: str) -> Any:
+    """``data[key]``; a missing key or a null value is an error."""
+    if data.get(key) is None:
+        raise ValueError(f"{where}: missing key {key!r}")
+    return data[key]
+
+
+def bool_key(data: dict, key: str, default: bool, where: str) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def positive_int_key(data: dict, key: str, default: int, where: str) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: key {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def optional_positive_int_key(data: dict, key: str, where: str) -> int | None:
+    """A positive integer, or None when the key is absent or null."""
+    return None if data.get(key) is None else positive_int_key(data, key, 1, where)
+
+
+def string_key(data: dict, key: str, default: str | None, where: str) -> str:
+    """A non-empty string (a ``default`` of None makes the key required)."""
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: key {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def crop_scale_key(data: dict, where: str, default: Sequence[float] = (0.5, 1.0)) -> tuple[float, float]:
+    """``crop_scale``: the RandomResizedCrop area range ``[low, high]``, 0 < low <= high <= 1."""
+    value = data.get("crop_scale", list(default))
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numbers or not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"{where}: key 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def typed_key(data: dict, key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
+    """``data[key]`` (or ``default``) checked against ``kind``; an int passes as a float; a bool is
+    never an int; None passes when ``default`` is None."""
+    value = data.get(key, default)
+    if value is None and default is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{where}: key {key!r}: expected {names}, got {value!r}")
+    return value
+
+
+def at_least(value: int, key: str, where: str, minimum: int = 1) -> int:
+    """``value`` (of ``key``) when it is >= ``minimum``; else an error."""
+    if value < minimum:
+        raise ValueError(f"{where}: key {key!r}: must be >= {minimum}, got {value}")
+    return value
+
+
+def existing_path(path: str | None, key: str, where: str) -> str | None:
+    """``path`` (of ``key``) when it exists or is None; else FileNotFoundError."""
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{where}: key {key!r}: no file at {path}")
+    return path
+
+
+# -- evaluation helpers ------------------------------------------------------------------------------
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device
+
+
+def evenly_spaced_subset(items: Sequence, count: int | None, source: str, what: str = "items") -> list:
+    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or larger);
+    ``source`` and ``what`` name them in the warning."""
+    if count is None or count >= len(items):
+        return list(items)
+    log.warning("%s: evaluating %d of %d %s (eval_subset)", source, count, len(items), what)
+    return [items[int(k)] for k in np.linspace(0, len(items) - 1, num=count).round()]
+
+
+def group_indices(keys: Sequence[Hashable]) -> list[tuple[Hashable, list[int]]]:
+    """``(key, indices with that key)`` in first-seen key order, e.g. the questions of each image."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.items())
+
+
+def grouped_order(keys: Sequence[Hashable]) -> list[int]:
+    """All indices, those with the same key next to each other (first-seen key order), so that a
+    batch of consecutive indices shares images / videos."""
+    return [index for _, indices in group_indices(keys) for index in indices]
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:

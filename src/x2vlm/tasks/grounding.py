@@ -32,12 +32,10 @@ Data section of the fine-tuning YAML::
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +56,15 @@ from x2vlm.objectives import box_losses
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
+    bool_key,
     check_keys,
+    evenly_spaced_subset,
     gather_tensors,
+    group_indices,
+    model_device,
+    optional_positive_int_key,
+    positive_int_key,
+    require_key,
     shard_range,
 )
 from x2vlm.tokenizer import WordPieceTokenizer
@@ -234,25 +239,14 @@ def grounding_loss(model, batch: GroundingBatch, generator: torch.Generator) -> 
 
 
 # -- evaluation --------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _groups_by_image(items: list[GroundingItem]) -> list[tuple[str, list[int]]]:
-    groups: dict[str, list[int]] = defaultdict(list)
-    for k, item in enumerate(items):
-        groups[item.image].append(k)
-    return list(groups.items())
-
-
 @torch.no_grad()
 def predict_split(model, items: list[GroundingItem], image_root: str | None, tokenizer: WordPieceTokenizer,
                   settings: GroundingSettings, source: str, batch_size: int = 64, autocast=None,
                   image_groups: list[tuple[str, list[int]]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ``[x, y, w, h]`` boxes in original pixels for the expressions of ``image_groups``
     (default: all); returns ``(expression indices, boxes)``. Each image is encoded once."""
-    transform, device = EvalTransform(settings.res), _model_device(model)
-    groups = _groups_by_image(items) if image_groups is None else image_groups
+    transform, device = EvalTransform(settings.res), model_device(model)
+    groups = group_indices([item.image for item in items]) if image_groups is None else image_groups
     indices, boxes = [], []
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
@@ -295,13 +289,13 @@ def grounding_metrics(ious: np.ndarray, refer_splits: list[str | None] | None = 
 def evaluate_grounding(model, items: list[GroundingItem], image_root: str | None, tokenizer: WordPieceTokenizer,
                        settings: GroundingSettings, source: str, ctx: EvalContext) -> dict[str, float]:
     """This rank's share of the images, gathered; every rank returns the same metrics."""
-    groups = _groups_by_image(items)
+    groups = group_indices([item.image for item in items])
     mine = [groups[i] for i in shard_range(len(groups), ctx.dist_info.rank, ctx.dist_info.world_size)]
     indices, boxes = predict_split(model, items, image_root, tokenizer, settings, source, ctx.batch_size, ctx.autocast, mine)
     truth = np.array([items[k].box for k in indices]).reshape(-1, 4)
     local = torch.tensor(np.column_stack([indices, inclusive_iou(boxes, truth) if len(indices) else np.zeros(0)]),
                          dtype=torch.float64)
-    gathered = gather_tensors(local.to(_model_device(model)), ctx.dist_info).cpu().numpy()
+    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu().numpy()
     order = gathered[:, 0].astype(np.int64)
     if sorted(order.tolist()) != list(range(len(items))):
         raise RuntimeError(f"{source}: evaluated {len(order)} expressions, expected each of {len(items)} once")
@@ -334,39 +328,6 @@ def draw_predictions(model, items: list[GroundingItem], image_root: str | None, 
         picture.save(path)
         paths.append(path)
     return paths
-
-
-# -- configuration values (shared with the other task modules) ----------------------------------------
-def require_key(data: dict, key: str, where: str) -> Any:
-    if data.get(key) is None:
-        raise ValueError(f"{where}: missing key {key!r}")
-    return data[key]
-
-
-def bool_key(data: dict, key: str, default: bool, where: str) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
-    return value
-
-
-def positive_int_key(data: dict, key: str, default: int, where: str) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where}: key {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def optional_positive_int_key(data: dict, key: str, where: str) -> int | None:
-    return None if data.get(key) is None else positive_int_key(data, key, 1, where)
-
-
-def evenly_spaced_subset(items: list, count: int | None, source: str) -> list:
-    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or larger)."""
-    if count is None or count >= len(items):
-        return items
-    log.warning("%s: evaluating %d of %d items (eval_subset)", source, count, len(items))
-    return [items[int(k)] for k in np.linspace(0, len(items) - 1, num=count).round()]
 
 
 # -- the task ----------------------------------------------------------------------------------------

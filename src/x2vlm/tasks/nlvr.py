@@ -50,16 +50,16 @@ from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
-    check_keys,
-    gather_tensors,
-    shard_range,
-)
-from x2vlm.tasks.grounding import (
     bool_key,
+    check_keys,
+    crop_scale_key,
     evenly_spaced_subset,
+    gather_tensors,
+    model_device,
     optional_positive_int_key,
     positive_int_key,
     require_key,
+    shard_range,
 )
 from x2vlm.tokenizer import WordPieceTokenizer
 
@@ -160,7 +160,7 @@ def nlvr_loss(model, batch: NLVRBatch, generator: torch.Generator) -> dict[str, 
 def predict_nlvr(model, items: list[NLVRItem], indices, image_root: str | None, tokenizer: WordPieceTokenizer,
                  res: int, max_tokens: int, source: str, batch_size: int = 64, autocast=None) -> np.ndarray:
     """Predicted labels (0/1) of ``items[i]`` for i in ``indices``."""
-    transform, device = EvalTransform(res), next(model.parameters()).device
+    transform, device = EvalTransform(res), model_device(model)
     indices = list(indices)
     preds = []
     for start in range(0, len(indices), batch_size):
@@ -181,19 +181,10 @@ def evaluate_nlvr(model, items: list[NLVRItem], image_root: str | None, tokenize
     preds = predict_nlvr(model, items, mine, image_root, tokenizer, res, max_tokens, source, ctx.batch_size, ctx.autocast)
     labels = np.array([items[i].label for i in mine], dtype=np.int64)
     local = torch.tensor(np.column_stack([np.asarray(mine, dtype=np.int64), preds == labels]), dtype=torch.long)
-    gathered = gather_tensors(local.to(next(model.parameters()).device), ctx.dist_info).cpu()
+    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
     if sorted(gathered[:, 0].tolist()) != list(range(len(items))):
         raise RuntimeError(f"{source}: evaluated {len(gathered)} statements, expected each of {len(items)} once")
     return {"acc": 100.0 * gathered[:, 1].double().mean().item()}
-
-
-def _crop_scale(data: dict, where: str) -> tuple[float, float]:
-    value = data.get("crop_scale", [0.5, 1.0])
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not 0 < value[0] <= value[1] <= 1):
-        raise ValueError(f"{where}: key 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
-    return float(value[0]), float(value[1])
 
 
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
@@ -208,7 +199,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     image_root = data.get("image_root")
     max_tokens = positive_int_key(data, "max_tokens", 40, where)
     max_words = positive_int_key(data, "max_words", 30, where)
-    transform = FinetuneTrainTransform(model_cfg.image_res, scale=_crop_scale(data, where),
+    transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where),
                                        randaug=bool_key(data, "randaug", True, where), hflip=bool_key(data, "hflip", True, where))
     careful_hflip = bool_key(data, "careful_hflip", False, where)
     train_items, train_sources = [], []

@@ -80,9 +80,14 @@ from x2vlm.objectives import (
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
+    bool_key,
     check_keys,
+    crop_scale_key,
     gather_tensors,
+    model_device,
+    positive_int_key,
     shard_range,
+    string_key,
 )
 from x2vlm.tokenizer import WordPieceTokenizer
 
@@ -270,15 +275,11 @@ class EncodedGallery:
     text_feat: torch.Tensor  # (T, E)
 
 
-def _device(model: X2VLM) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def encode_vision_range(model: X2VLM, vision: VisionSource, items: range, batch_size: int, keep_embeds: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """ITC features (n, E) of ``vision[items]`` and, if ``keep_embeds``, their embeddings and masks."""
-    device = _device(model)
+    device = model_device(model)
     feats, embeds, masks = [], [], []
     for start in tqdm(range(items.start, items.stop, batch_size), desc="encode vision", leave=False):
         pixels = vision.load(range(start, min(start + batch_size, items.stop))).to(device)
@@ -306,7 +307,7 @@ def encode_text_range(model: X2VLM, text_ids: torch.Tensor, text_mask: torch.Ten
     Texts are batched by length and each batch runs at the width of its longest text (the states
     of padding positions mean nothing and are masked wherever they are used; beyond a batch's width
     they are zero)."""
-    device = _device(model)
+    device = model_device(model)
     full_width = text_ids.shape[1]
     if len(items) == 0:
         return (torch.empty(0, full_width, model.cfg.text.hidden_size, device=device),
@@ -493,7 +494,7 @@ def two_stage_retrieval(model: X2VLM, vision: VisionSource, text_ids: torch.Tens
     block); the pair scores are gathered. Without ``itm`` only ``sims`` is meaningful."""
     model.eval()
     autocast = autocast or nullcontext
-    device = _device(model)
+    device = model_device(model)
     num_images, num_texts = len(vision), len(text_ids)
     my_images = shard_range(num_images, sharding.rank, sharding.world_size)
     my_texts = shard_range(num_texts, sharding.rank, sharding.world_size)
@@ -663,35 +664,6 @@ DATA_KEYS = {"train_files", "val_file", "test_file", "image_root", "video", "max
 REQUIRED_KEYS = ("train_files", "val_file", "test_file", "image_root")
 
 
-def _positive_int(data: dict, key: str, default: int, where: str) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def _string(data: dict, key: str, default: str | None, where: str) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _bool(data: dict, key: str, default: bool, where: str) -> bool:
-    value = data.get(key, default)
-    if type(value) is not bool:  # a config error (ValueError), whatever the type
-        raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
-    return value
-
-
-def _crop_scale(data: dict, where: str) -> tuple[float, float]:
-    value = data.get("crop_scale", [0.5, 1.0])
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not ok or not 0 < value[0] <= value[1] <= 1:
-        raise ValueError(f"{where}: 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
 @dataclass
 class RetrievalTask:
     """The evaluation settings and sets of one configured retrieval task (``evaluate`` and ``draw``)."""
@@ -767,36 +739,36 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     train_files = [train_files] if isinstance(train_files, str) else train_files
     if not isinstance(train_files, list) or not train_files or not all(isinstance(f, str) for f in train_files):
         raise ValueError(f"{where}: 'train_files' must be a non-empty list of file paths, got {data['train_files']!r}")
-    video = _bool(data, "video", False, where)
+    video = bool_key(data, "video", False, where)
     frame_len = model_cfg.frame_len if video else 0
     if video and frame_len <= 0:
         raise ValueError(f"{where}: 'video' is true but model {model_cfg.name} has frame_len {model_cfg.frame_len}")
-    image_root = _string(data, "image_root", None, where)
+    image_root = string_key(data, "image_root", None, where)
     if not Path(image_root).is_dir():
         raise FileNotFoundError(f"{where}: 'image_root' {image_root} is not a directory")
     hflip = data.get("hflip", True)
     if hflip not in HFLIP_MODES or (hflip != "swap" and not isinstance(hflip, bool)):
         raise ValueError(f"{where}: 'hflip' must be true (caption-aware), false or 'swap', got {hflip!r}")
-    max_tokens = _positive_int(data, "max_tokens", DEFAULT_MAX_TOKENS, where)
+    max_tokens = positive_int_key(data, "max_tokens", DEFAULT_MAX_TOKENS, where)
     if max_tokens < 3:
         raise ValueError(f"{where}: 'max_tokens' must leave room for a word besides [CLS] and [SEP], got {max_tokens}")
     settings = RerankSettings(
-        k_test=_positive_int(data, "k_test", DEFAULT_K_TEST, where),
-        rerank_batch_size=_positive_int(data, "rerank_batch_size", DEFAULT_RERANK_BATCH, where),
-        max_cached_images=_positive_int(data, "max_cached_images", DEFAULT_MAX_CACHED_IMAGES, where),
+        k_test=positive_int_key(data, "k_test", DEFAULT_K_TEST, where),
+        rerank_batch_size=positive_int_key(data, "rerank_batch_size", DEFAULT_RERANK_BATCH, where),
+        max_cached_images=positive_int_key(data, "max_cached_images", DEFAULT_MAX_CACHED_IMAGES, where),
     )
-    selection_metric = _string(data, "selection_metric", "r_mean", where)
+    selection_metric = string_key(data, "selection_metric", "r_mean", where)
     known_metrics = [prefix + key for prefix in ("", "itc_", "itm_plus_itc_") for key in RECALL_KEYS]
     if selection_metric not in known_metrics:
         raise ValueError(f"{where}: 'selection_metric' {selection_metric!r} unknown; one of {known_metrics}")
-    vision_key = _string(data, "vision_key", "video" if video else "image", where)
-    index_key = _string(data, "index_key", "video_id" if video else "image_id", where)
-    text_key = _string(data, "text_key", "caption", where)
-    transform = FinetuneTrainTransform(model_cfg.image_res, scale=_crop_scale(data, where), randaug=_bool(data, "randaug", True, where),
+    vision_key = string_key(data, "vision_key", "video" if video else "image", where)
+    index_key = string_key(data, "index_key", "video_id" if video else "image_id", where)
+    text_key = string_key(data, "text_key", "caption", where)
+    transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where), randaug=bool_key(data, "randaug", True, where),
                                        hflip=hflip is not False)
     train_set = load_train_set(train_files, image_root, transform, hflip, max_tokens, frame_len, index_key, vision_key, text_key)
     eval_sets = {
-        split: load_eval_set(_string(data, key, None, where), image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len,
+        split: load_eval_set(string_key(data, key, None, where), image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len,
                              vision_key, text_key)
         for split, key in (("val", "val_file"), ("test", "test_file"))
     }

@@ -46,7 +46,6 @@ from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +56,19 @@ from x2vlm.data.readers import DataFormatError, read_ans2label, read_json, read_
 from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import count_frames, decode_base64_frames, read_video_frames, sample_frame_indices
-from x2vlm.tasks.common import EvalContext, FinetuneTask, check_keys, gather_tensors, shard_range
+from x2vlm.tasks.common import (
+    EvalContext,
+    FinetuneTask,
+    bool_key,
+    check_keys,
+    crop_scale_key,
+    gather_tensors,
+    grouped_order,
+    model_device,
+    positive_int_key,
+    require_key,
+    shard_range,
+)
 from x2vlm.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -196,22 +207,11 @@ def video_qa_loss(model, batch: VideoQABatch, generator: torch.Generator) -> dic
 
 
 # -- evaluation --------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _order_by_video(items: list[VideoQAItem]) -> list[int]:
-    first_seen: dict[str, int] = {}
-    for k, item in enumerate(items):
-        first_seen.setdefault(item.video_id, k)
-    return sorted(range(len(items)), key=lambda k: (first_seen[items[k].video_id], k))
-
-
 @torch.no_grad()
 def predict_labels(model, items: list[VideoQAItem], indices: list[int], videos: VideoSource, tokenizer: WordPieceTokenizer,
                    settings: VideoQASettings, batch_size: int = 64, autocast=None) -> torch.Tensor:
     """Top-1 label of the questions ``indices``; each clip is decoded and encoded once per batch."""
-    device = _model_device(model)
+    device = model_device(model)
     transform = EvalTransform(settings.res)
     predictions = []
     for start in range(0, len(indices), batch_size):
@@ -244,11 +244,11 @@ def evaluate_video_qa(model, items: list[VideoQAItem], name: str, source: str, v
                       tokenizer: WordPieceTokenizer, settings: VideoQASettings, labels: list[str],
                       ctx: EvalContext) -> dict[str, float]:
     """This rank's share of the clips, gathered; every rank returns the same metrics."""
-    order = _order_by_video(items)
+    order = grouped_order([item.video_id for item in items])
     mine = [order[i] for i in shard_range(len(order), ctx.dist_info.rank, ctx.dist_info.world_size)]
     predicted = predict_labels(model, items, mine, videos, tokenizer, settings, ctx.batch_size, ctx.autocast)
     local = torch.stack([torch.tensor(mine, dtype=torch.long), predicted], dim=1) if mine else torch.zeros(0, 2, dtype=torch.long)
-    gathered = gather_tensors(local.to(_model_device(model)), ctx.dist_info).cpu()
+    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
     if sorted(gathered[:, 0].tolist()) != list(range(len(items))):
         raise RuntimeError(f"{source}: answered {len(gathered)} questions, expected each of {len(items)} once")
     by_index = dict(zip(gathered[:, 0].tolist(), gathered[:, 1].tolist()))
@@ -292,35 +292,12 @@ def draw_predictions(model, items: list[VideoQAItem], name: str, videos: VideoSo
 
 
 # -- the task ----------------------------------------------------------------------------------------
-def _require(data: dict, key: str, where: str) -> Any:
-    if data.get(key) is None:
-        raise ValueError(f"{where}: missing key {key!r}")
-    return data[key]
-
-
-def _flag(data: dict, key: str, default: bool, where: str) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
-    return value
-
-
-def _crop_scale(data: dict, where: str) -> tuple[float, float]:
-    value = data.get("crop_scale", [0.5, 1.0])
-    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)
-            or not 0 < value[0] <= value[1] <= 1):
-        raise ValueError(f"{where}: 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
     check_keys(data, DATA_KEYS, where)
     if model_cfg.frame_len <= 0:
         raise ValueError(f"{where}: model {model_cfg.name!r} has frame_len {model_cfg.frame_len}; video QA needs a video "
                          "model (a '-video' preset, or model_changes: {frame_len: N, add_frame_pos: true})")
-    max_tokens = data.get("max_tokens", 40)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise ValueError(f"{where}: key 'max_tokens' must be a positive integer, got {max_tokens!r}")
+    max_tokens = positive_int_key(data, "max_tokens", 40, where)
     template = data.get("video_template", DEFAULT_VIDEO_TEMPLATE)
     if not isinstance(template, str) or "{video_id}" not in template and "{video_number}" not in template:
         raise ValueError(f"{where}: 'video_template' must contain {{video_id}} or {{video_number}}, got {template!r}")
@@ -332,15 +309,15 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         res=model_cfg.image_res,
         frame_len=model_cfg.frame_len,
         max_tokens=max_tokens,
-        careful_hflip=_flag(data, "careful_hflip", True, where),
-        hflip=_flag(data, "hflip", True, where),
-        randaug=_flag(data, "randaug", True, where),
-        crop_scale=_crop_scale(data, where),
+        careful_hflip=bool_key(data, "careful_hflip", True, where),
+        hflip=bool_key(data, "hflip", True, where),
+        randaug=bool_key(data, "randaug", True, where),
+        crop_scale=crop_scale_key(data, where),
     )
     videos = VideoSource(data.get("video_root"), template)
-    ans2label = read_ans2label(str(_require(data, "ans2label_file", where)))
+    ans2label = read_ans2label(str(require_key(data, "ans2label_file", where)))
     labels = [answer for answer, _ in sorted(ans2label.items(), key=lambda pair: pair[1])]
-    train_file = str(_require(data, "train_file", where))
+    train_file = str(require_key(data, "train_file", where))
     all_train = load_video_qa(train_file, ans2label, settings.max_tokens)
     train_items = [item for item in all_train if item.label != UNKNOWN_LABEL]
     skipped = Counter(item.answer for item in all_train if item.label == UNKNOWN_LABEL)

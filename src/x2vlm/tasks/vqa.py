@@ -69,7 +69,21 @@ from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import load_image
 from x2vlm.generation import rank_answers
-from x2vlm.tasks.common import EvalContext, FinetuneTask, check_keys, gather_tensors, shard_range
+from x2vlm.tasks.common import (
+    EvalContext,
+    FinetuneTask,
+    bool_key,
+    check_keys,
+    crop_scale_key,
+    evenly_spaced_subset,
+    gather_tensors,
+    grouped_order,
+    model_device,
+    optional_positive_int_key,
+    positive_int_key,
+    require_key,
+    shard_range,
+)
 from x2vlm.tasks.vqa_accuracy import GroundTruth, vqa_accuracy
 from x2vlm.tokenizer import WordPieceTokenizer
 
@@ -270,27 +284,14 @@ def load_eval_split(name: str, path: str, questions_file: str | None, annotation
     return VQASplit(name, path, examples, questions, ground_truth)
 
 
-def evenly_spaced_subset(split: VQASplit, count: int | None) -> VQASplit:
+def split_subset(split: VQASplit, count: int | None) -> VQASplit:
     """``count`` questions spread evenly over the split (all of them when ``count`` is None or larger)."""
     if count is None or count >= len(split.examples):
         return split
-    log.warning("%s: evaluating %d of %d questions (eval_subset)", split.source, count, len(split.examples))
-    keep = [int(k) for k in np.linspace(0, len(split.examples) - 1, num=count).round()]
+    keep = evenly_spaced_subset(range(len(split.examples)), count, split.source, "questions")
     examples = [split.examples[k] for k in keep]
     truth = None if split.ground_truth is None else {ex.question_id: split.ground_truth[ex.question_id] for ex in examples}
     return VQASplit(split.name, split.source, examples, [split.questions[k] for k in keep], truth)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _order_by_image(examples: list[VQAExample]) -> list[int]:
-    """Question indices with the questions of an image next to each other (first-seen image order)."""
-    first_seen: dict[str, int] = {}
-    for k, ex in enumerate(examples):
-        first_seen.setdefault(ex.image, k)
-    return sorted(range(len(examples)), key=lambda k: (first_seen[examples[k].image], k))
 
 
 @torch.no_grad()
@@ -299,7 +300,7 @@ def rank_split(model, split: VQASplit, indices: list[int], image_roots, tokenize
                autocast=None, top: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top`` best answers (indices into the answer list) and their probabilities for the
     questions ``indices`` of ``split``; each image is encoded once per batch."""
-    device = _model_device(model)
+    device = model_device(model)
     transform = EvalTransform(settings.res)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     best, probs = [], []
@@ -326,13 +327,13 @@ def rank_split(model, split: VQASplit, indices: list[int], image_roots, tokenize
 def evaluate_vqa(model, split: VQASplit, image_roots, tokenizer: WordPieceTokenizer, settings: VQASettings,
                  answer_list: list[str], ctx: EvalContext) -> dict[str, float]:
     """This rank's share of the questions (whole images), gathered; the main rank writes the files."""
-    order = _order_by_image(split.examples)
+    order = grouped_order([ex.image for ex in split.examples])
     mine = [order[i] for i in shard_range(len(order), ctx.dist_info.rank, ctx.dist_info.world_size)]
     answer_ids, answer_mask = tokenizer(answer_list)
     best, _ = rank_split(model, split, mine, image_roots, tokenizer, settings, answer_ids, answer_mask, ctx.batch_size,
                          ctx.autocast)
     local = torch.stack([torch.tensor(mine, dtype=torch.long), best[:, 0]], dim=1) if mine else torch.zeros(0, 2, dtype=torch.long)
-    gathered = gather_tensors(local.to(_model_device(model)), ctx.dist_info).cpu()
+    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
     if sorted(gathered[:, 0].tolist()) != list(range(len(split.examples))):
         raise RuntimeError(f"{split.source}: answered {len(gathered)} questions, expected each of {len(split.examples)} once")
     predicted = dict(zip(gathered[:, 0].tolist(), gathered[:, 1].tolist()))
@@ -407,26 +408,6 @@ def convert_vqa_official(questions: str | Path, annotations: str | Path | None, 
 
 
 # -- the task ----------------------------------------------------------------------------------------
-def _require(data: dict, key: str, where: str) -> Any:
-    if data.get(key) is None:
-        raise ValueError(f"{where}: missing key {key!r}")
-    return data[key]
-
-
-def _flag(data: dict, key: str, default: bool, where: str) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
-    return value
-
-
-def _positive_int(data: dict, key: str, default: int, where: str) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where}: key {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
 def _image_roots(data: dict, where: str) -> dict[str, str] | str | None:
     roots = data.get("image_root")
     if roots is None or isinstance(roots, str):
@@ -434,14 +415,6 @@ def _image_roots(data: dict, where: str) -> dict[str, str] | str | None:
     if isinstance(roots, dict) and roots and all(k in ("vqa", "vg", "gqa") and isinstance(v, str) for k, v in roots.items()):
         return dict(roots)
     raise ValueError(f"{where}: 'image_root' must be a path or a mapping of dataset (vqa, vg, gqa) -> path, got {roots!r}")
-
-
-def _crop_scale(data: dict, where: str) -> tuple[float, float]:
-    value = data.get("crop_scale", [0.5, 1.0])
-    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)
-            or not 0 < value[0] <= value[1] <= 1):
-        raise ValueError(f"{where}: 'crop_scale' must be [low, high] with 0 < low <= high <= 1, got {value!r}")
-    return float(value[0]), float(value[1])
 
 
 def load_train_examples(files: list[str]) -> list[tuple[VQAExample, str]]:
@@ -460,7 +433,7 @@ def load_train_examples(files: list[str]) -> list[tuple[VQAExample, str]]:
 
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
     check_keys(data, DATA_KEYS, where)
-    train_files = _require(data, "train_files", where)
+    train_files = require_key(data, "train_files", where)
     if isinstance(train_files, str):
         train_files = [train_files]
     if not isinstance(train_files, list) or not train_files or not all(isinstance(f, str) for f in train_files):
@@ -470,20 +443,18 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         raise ValueError(f"{where}: 'vg_answer_weight' must be a positive number, got {vg_weight!r}")
     settings = VQASettings(
         res=model_cfg.image_res,
-        max_tokens=_positive_int(data, "max_tokens", 40, where),
-        k_test=_positive_int(data, "k_test", 128, where),
-        double_count_first_token=_flag(data, "double_count_first_token", True, where),
+        max_tokens=positive_int_key(data, "max_tokens", 40, where),
+        k_test=positive_int_key(data, "k_test", 128, where),
+        double_count_first_token=bool_key(data, "double_count_first_token", True, where),
         vg_answer_weight=float(vg_weight),
-        careful_hflip=_flag(data, "careful_hflip", True, where),
-        hflip=_flag(data, "hflip", True, where),
-        randaug=_flag(data, "randaug", True, where),
-        crop_scale=_crop_scale(data, where),
+        careful_hflip=bool_key(data, "careful_hflip", True, where),
+        hflip=bool_key(data, "hflip", True, where),
+        randaug=bool_key(data, "randaug", True, where),
+        crop_scale=crop_scale_key(data, where),
     )
     image_roots = _image_roots(data, where)
-    eval_subset = data.get("eval_subset")
-    if eval_subset is not None:
-        eval_subset = _positive_int(data, "eval_subset", 0, where)
-    answer_list = read_answer_list(str(_require(data, "answer_list", where)))
+    eval_subset = optional_positive_int_key(data, "eval_subset", where)
+    answer_list = read_answer_list(str(require_key(data, "answer_list", where)))
     train_examples = load_train_examples([str(f) for f in train_files])
     splits: dict[str, VQASplit] = {}
     for split in EVAL_SPLITS:
@@ -498,7 +469,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
             if questions_file is not None:
                 raise ValueError(f"{where}: '{split}_questions_file' given without '{split}_file'")
             continue
-        splits[split] = evenly_spaced_subset(load_eval_split(split, str(path), questions_file, annotations_file), eval_subset)
+        splits[split] = split_subset(load_eval_split(split, str(path), questions_file, annotations_file), eval_subset)
     if splits["val"].ground_truth is None:
         raise ValueError(f"{where}: the questions of 'val_file' ({splits['val'].source}) need answers (or give "
                          "'val_questions_file' and 'val_annotations_file') to select a checkpoint by accuracy")

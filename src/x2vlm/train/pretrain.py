@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from x2vlm import objectives as O
-from x2vlm.config import X2VLMConfig, load_yaml, preset
+from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tokenizer import WordPieceTokenizer
@@ -71,31 +71,25 @@ class PretrainConfig:
 
 
 # -- config I/O ------------------------------------------------------------------------------------
-_SECTIONS = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig}
+def _source_section(name: str):
+    """Builds the ``SourceConfig`` of data section ``name`` (null: no such source)."""
+
+    def build(value: Any, where: str) -> SourceConfig | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return SourceConfig.from_dict({"kind": SOURCE_KINDS[name], "name": name, **value}, where)
+
+    return build
+
+
+_SECTIONS = {**{name: _source_section(name) for name in SOURCE_KINDS}, "optimizer": OptimizerConfig, "schedule": ScheduleConfig}
 
 
 def _build_config(data: Any, where: str) -> PretrainConfig:
     """PretrainConfig from a mapping; unknown keys anywhere are errors naming the key."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping")
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    kwargs = dict(data)
-    for name, kind in SOURCE_KINDS.items():
-        if kwargs.get(name) is not None:
-            section = {"kind": kind, "name": name, **kwargs[name]}
-            kwargs[name] = SourceConfig.from_dict(section, f"{where}: {name}")
-    for name, cls in _SECTIONS.items():
-        if name in kwargs:
-            section = kwargs[name]
-            fields = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(section) - fields) if isinstance(section, dict) else ["(not a mapping)"]
-            if bad:
-                raise ValueError(f"{where}: {name}: unknown key(s) {bad}; known: {sorted(fields)}")
-            kwargs[name] = cls(**section)
-    return PretrainConfig(**kwargs)
+    return dataclass_from_mapping(PretrainConfig, data, where, _SECTIONS)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -114,7 +108,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+def read_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The mapping of a YAML run config (empty without ``path``) with ``--set`` ``overrides`` applied."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -122,8 +117,11 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
             data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({err})") from err
-    data = apply_overrides(data, list(overrides))
-    return _build_config(data, str(path or "config"))
+    return apply_overrides(data, list(overrides))
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    return _build_config(read_run_config(path, overrides), str(path or "config"))
 
 
 def config_to_yaml(cfg: PretrainConfig) -> str:
