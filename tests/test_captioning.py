@@ -2,7 +2,6 @@
 and COCO metrics on the tiny model + tiny world, CIDEr-D, and the SCST objective."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from x2vlm import objectives as O
 from x2vlm.config import preset
 from x2vlm.data.masking import MaskingConfig
 from x2vlm.data.readers import DataFormatError
-from x2vlm.generation import greedy_caption, sample_captions
+from x2vlm.generation import CaptionSettings, greedy_caption, sample_captions
 from x2vlm.tasks import captioning as C
 from x2vlm.tasks.common import EvalContext
 from x2vlm.train.distributed import DistInfo
@@ -23,7 +22,6 @@ from x2vlm.train.finetune import load_finetune_config
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 PROMPT = [101, 142, 211, 209]  # [CLS] a picture of (tiny vocabulary)
 CONFIGS = Path(C.__file__).parents[1] / "configs" / "finetune"
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO caption metrics need java")
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +130,8 @@ def test_generation_length_comes_from_the_prompt_not_the_batch(model, tokenizer)
     prompt = torch.tensor(PROMPT)  # 4 tokens; batch of 5: the official length would be 5 + 3 - 4 = 4
     vision, vmask = model.encode_images(pixels)
     for greedy in (False, True):
-        gen = C.CaptionGeneration(num_beams=2, min_length=3, max_length=3, greedy=greedy)  # [SEP] blocked throughout
-        settings = C.caption_settings(gen, len(PROMPT), model.cfg.text.max_position_embeddings)
+        gen = CaptionSettings(num_beams=2, min_length=3, max_new_tokens=3, greedy=greedy)  # [SEP] blocked throughout
+        settings = C.check_generation_length(gen, len(PROMPT), model.cfg.text.max_position_embeddings)
         assert settings.max_new_tokens == 3
         if greedy:
             sequences = greedy_caption(model, vision, vmask, prompt, settings.max_new_tokens, settings.min_length)
@@ -145,7 +143,7 @@ def test_generation_length_comes_from_the_prompt_not_the_batch(model, tokenizer)
         one = C.generate_captions(model, pixels[:1], prompt, gen, tokenizer)
         assert one == C.generate_captions(model, pixels, prompt, gen, tokenizer)[:1]
     with pytest.raises(ValueError, match="position embeddings"):
-        C.caption_settings(C.CaptionGeneration(max_length=61), len(PROMPT), 64)
+        C.check_generation_length(CaptionSettings(max_new_tokens=61), len(PROMPT), 64)
 
 
 @torch.no_grad()
@@ -180,8 +178,7 @@ def test_evaluate_writes_coco_results_and_returns_metrics(world, model, tokenize
     assert len(pictures) == 2 and all(p.exists() and p.suffix == ".png" for p in pictures)
 
 
-@needs_java
-def test_coco_metrics_on_three_captions():
+def test_coco_metrics_on_three_captions():  # needs java on the PATH (a declared requirement)
     refs = {1: ["A red star.", "a big red star"], 2: ["a blue circle on the left", "a blue circle"], 3: ["two green squares", "green squares"]}
     perfect = C.score_captions(refs, {1: "a big red star", 2: "a blue circle", 3: "two green squares"})
     assert set(perfect) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}
