@@ -53,11 +53,15 @@ def rank_answers(
 
 @dataclass
 class CaptionSettings:
+    """Caption decoding: ``max_new_tokens`` counts the tokens generated after the prompt ([SEP]
+    included); ``greedy`` asks callers that offer both for greedy decoding instead of beam search."""
+
     num_beams: int = 3
     max_new_tokens: int = 20
     min_length: int = 5
     length_penalty: float = 0.0
     block_repeated_trigrams: bool = True
+    greedy: bool = False
 
 
 class _IncrementalTextStack:

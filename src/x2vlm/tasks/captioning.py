@@ -85,26 +85,13 @@ SELECTION_METRIC = "cider"
 
 
 # -- settings -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CaptionGeneration:
-    """Decoding settings; ``max_length`` = most tokens generated after the prompt ([SEP] included)."""
-
-    num_beams: int = 3
-    min_length: int = 5
-    max_length: int = 50
-    length_penalty: float = 0.0
-    block_repeated_trigrams: bool = True
-    greedy: bool = False
-
-
-def caption_settings(gen: CaptionGeneration, prompt_length: int, max_positions: int) -> CaptionSettings:
-    """Beam-search settings for a prompt of ``prompt_length`` ids: positions run up to
-    ``prompt_length + max_length - 1``, independent of the batch size."""
-    if prompt_length + gen.max_length > max_positions:
-        raise ValueError(f"prompt ({prompt_length} tokens) + max_length {gen.max_length} exceeds the model's "
+def check_generation_length(settings: CaptionSettings, prompt_length: int, max_positions: int) -> CaptionSettings:
+    """``settings`` if a prompt of ``prompt_length`` ids plus ``max_new_tokens`` fits the position
+    embeddings: positions run up to ``prompt_length + max_new_tokens - 1``, whatever the batch size."""
+    if prompt_length + settings.max_new_tokens > max_positions:
+        raise ValueError(f"prompt ({prompt_length} tokens) + max_length {settings.max_new_tokens} exceeds the model's "
                          f"{max_positions} position embeddings")
-    return CaptionSettings(num_beams=gen.num_beams, max_new_tokens=gen.max_length, min_length=gen.min_length,
-                           length_penalty=gen.length_penalty, block_repeated_trigrams=gen.block_repeated_trigrams)
+    return settings
 
 
 # -- training sequences ---------------------------------------------------------------------------
@@ -302,11 +289,11 @@ def decode_caption(tokenizer: WordPieceTokenizer, ids: Sequence[int]) -> str:
 
 
 @torch.no_grad()
-def generate_captions(model, pixels: torch.Tensor, prompt_ids: torch.Tensor, gen: CaptionGeneration, tokenizer: WordPieceTokenizer) -> list[str]:
+def generate_captions(model, pixels: torch.Tensor, prompt_ids: torch.Tensor, gen: CaptionSettings, tokenizer: WordPieceTokenizer) -> list[str]:
     """One caption per image (beam search, or greedy when ``gen.greedy``)."""
     vision, vision_mask = model.encode_images(pixels)
-    settings = caption_settings(gen, len(prompt_ids), model.cfg.text.max_position_embeddings)
-    if gen.greedy:
+    settings = check_generation_length(gen, len(prompt_ids), model.cfg.text.max_position_embeddings)
+    if settings.greedy:
         sequences = greedy_caption(model, vision, vision_mask, prompt_ids, settings.max_new_tokens, settings.min_length)
     else:
         sequences = beam_search(model, vision, vision_mask, prompt_ids, settings)
@@ -391,7 +378,7 @@ def _broadcast_object(value, ctx: EvalContext):
 
 
 def caption_split(model, split: CaptionSplit, indices: Sequence[int], image_root: str, prompt_ids: torch.Tensor,
-                  gen: CaptionGeneration, tokenizer: WordPieceTokenizer, batch_size: int, autocast=None) -> list[str]:
+                  gen: CaptionSettings, tokenizer: WordPieceTokenizer, batch_size: int, autocast=None) -> list[str]:
     """Captions for ``split.images[indices]`` in batches of ``batch_size``."""
     transform = EvalTransform(model.cfg.image_res)
     device = model_device(model)
@@ -405,7 +392,7 @@ def caption_split(model, split: CaptionSplit, indices: Sequence[int], image_root
 
 
 def evaluate_captions(model, split: CaptionSplit, ctx: EvalContext, image_root: str, prompt_ids: torch.Tensor,
-                      gen: CaptionGeneration, tokenizer: WordPieceTokenizer, metrics: Sequence[str]) -> dict[str, float]:
+                      gen: CaptionSettings, tokenizer: WordPieceTokenizer, metrics: Sequence[str]) -> dict[str, float]:
     """Caption every image (split across ranks), write the COCO result file, score on the main rank."""
     model.eval()
     mine = list(shard_range(len(split.images), ctx.dist_info.rank, ctx.dist_info.world_size))
@@ -423,7 +410,7 @@ def evaluate_captions(model, split: CaptionSplit, ctx: EvalContext, image_root: 
 
 
 def draw_captions(model, split: CaptionSplit, out_dir: Path, image_root: str, prompt_ids: torch.Tensor,
-                  gen: CaptionGeneration, tokenizer: WordPieceTokenizer, count: int) -> list[Path]:
+                  gen: CaptionSettings, tokenizer: WordPieceTokenizer, count: int) -> list[Path]:
     """PNGs of the first ``count`` images with the generated caption and up to three references."""
     from PIL import Image
 
@@ -618,14 +605,14 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if longest > max_positions:
         raise ValueError(f"{where}: max_tokens {max_tokens}{' + max_masks ' + str(masking.max_masks) if fg_free else ''} "
                          f"exceeds the model's {max_positions} position embeddings")
-    gen = CaptionGeneration(
+    gen = CaptionSettings(
         num_beams=at_least(typed_key(data, "num_beams", int, 3, where), "num_beams", where),
         min_length=at_least(typed_key(data, "min_length", int, 5, where), "min_length", where, 0),
-        max_length=at_least(typed_key(data, "max_length", int, 50, where), "max_length", where),
+        max_new_tokens=at_least(typed_key(data, "max_length", int, 50, where), "max_length", where),
         length_penalty=typed_key(data, "length_penalty", float, 0.0, where),
         block_repeated_trigrams=bool_key(data, "block_repeated_trigrams", True, where),
         greedy=bool_key(data, "greedy", False, where))
-    caption_settings(gen, len(prompt_ids), max_positions)  # fails early on too long generation
+    check_generation_length(gen, len(prompt_ids), max_positions)  # fails early on too long generation
     metrics = typed_key(data, "metrics", list, list(METRIC_GROUPS), where)
     unknown = sorted(set(metrics) - set(METRIC_GROUPS))
     if unknown or SELECTION_METRIC not in metrics:
@@ -667,7 +654,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if bool_key(data, "scst", False, where):
         train_set = ScstTrainSet(pairs, image_root, transform, source)
         samples = at_least(typed_key(data, "scst_samples", int, 1, where), "scst_samples", where)
-        objective = ScstObjective(CiderD(train_set.references), train_set.references, prompt_tensor, tokenizer, gen.max_length, samples)
+        objective = ScstObjective(CiderD(train_set.references), train_set.references, prompt_tensor, tokenizer, gen.max_new_tokens, samples)
 
         def collate(samples_):
             return ScstBatch(torch.stack([s[0] for s in samples_]), torch.tensor([s[1] for s in samples_]))
