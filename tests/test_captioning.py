@@ -164,18 +164,24 @@ def test_fg_free_pass_equals_incremental_decoding(model, tokenizer):
 
 # -- evaluation -------------------------------------------------------------------------------------
 def test_evaluate_writes_coco_results_and_returns_metrics(world, model, tokenizer, tmp_path):
-    task = C.build_task(world_data(world), preset("x2vlm-tiny"), tokenizer, "data")
-    assert (task.model_task, task.eval_splits, task.selection_metric) == ("captioning", ["val", "test"], "cider")
+    # an extra split reading the val files: evaluated after val and test, exactly as they are
+    k = world / "karpathy"
+    extra = {"val_again": {"file": str(k / "coco_karpathy_val.json"), "gt": str(k / "coco_karpathy_val_gt.json")}}
+    task = C.build_task(world_data(world, extra_eval_files=extra), preset("x2vlm-tiny"), tokenizer, "data")
+    assert (task.model_task, task.eval_splits, task.selection_metric) == ("captioning", ["val", "test", "val_again"], "cider")
     ctx = EvalContext(DistInfo(), batch_size=5, out_dir=tmp_path)
     metrics = task.evaluate(model, "val", ctx)
     assert set(metrics) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"}
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
     results = json.loads((tmp_path / "caption_val_result.json").read_text())
-    gt = json.loads((world / "karpathy" / "coco_karpathy_val_gt.json").read_text())
+    gt = json.loads((k / "coco_karpathy_val_gt.json").read_text())
     assert sorted(r["image_id"] for r in results) == sorted(im["id"] for im in gt["images"])
     assert all(isinstance(r["caption"], str) for r in results)
+    assert task.evaluate(model, "val_again", ctx) == metrics
+    assert json.loads((tmp_path / "caption_val_again_result.json").read_text()) == results
     pictures = task.draw(model, tmp_path / "pictures", ctx)
     assert len(pictures) == 2 and all(p.exists() and p.suffix == ".png" for p in pictures)
+    assert all(p.name.startswith("caption_test_") for p in pictures)  # the test split is drawn, not the extra one
 
 
 def test_coco_metrics_on_three_captions():  # needs java on the PATH (a declared requirement)
@@ -205,6 +211,17 @@ def test_build_task_rejects_bad_configuration(world, tokenizer, tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(DataFormatError, match=f"image id {gt['images'][0]['id']} has no caption in .*gt.json"):
         C.build_task(world_data(world, val_gt=str(tmp_path / "gt.json")), cfg, tokenizer, "data")
+    novel = str(world / "karpathy" / "coco_karpathy_test_novel.json")
+    with pytest.raises(ValueError, match="data: key 'extra_eval_files': split name 'test' collides"):
+        C.build_task(world_data(world, extra_eval_files={"test": {"file": novel}}), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match=r"data: key 'extra_eval_files.novel' must be a mapping \{file: ..., gt: ... \(optional\)\}"):
+        C.build_task(world_data(world, extra_eval_files={"novel": novel}), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match="data: key 'extra_eval_files.novel' must be a mapping"):
+        C.build_task(world_data(world, extra_eval_files={"novel": {"file": novel, "references": novel}}), cfg, tokenizer, "data")
+    with pytest.raises(FileNotFoundError, match="data: key 'extra_eval_files.novel.gt': no file at"):
+        C.build_task(world_data(world, extra_eval_files={"novel": {"file": novel, "gt": novel + ".gt"}}), cfg, tokenizer, "data")
+    without_gt = C.build_task(world_data(world, extra_eval_files={"novel": {"file": novel}}), cfg, tokenizer, "data")
+    assert without_gt.eval_splits == ["val", "test", "novel"]  # references: the file's own captions, as for test_file
 
 
 def test_image_ids_from_coco_file_names():

@@ -219,3 +219,38 @@ def test_separate_cross_encoder_layout_and_roberta_positions():
     mask = ids.ne(1).long()
     fused = model.fuse(model.encode_text(ids, mask), mask, vision, vmask)
     assert torch.allclose(fused, model.encode_multimodal(ids, mask, vision, vmask))
+
+
+def test_absolute_position_embedding_option_saves_loads_and_resizes(tmp_path):
+    """The small preset's ViT adds a learned absolute position embedding (the released models have
+    none); it changes the output, survives save/load, and is resized for another resolution."""
+    from x2vlm.checkpoint import adapt_to_model
+    from x2vlm.models.beit import resize_abs_pos_embed
+
+    torch.manual_seed(0)
+    cfg = preset("x2vlm-tiny", vision={"abs_pos_embed": True})
+    model = X2VLM(cfg).eval()
+    assert model.vision_encoder.pos_embed.shape == (1, 1 + 16, 64)
+    assert X2VLM(preset("x2vlm-tiny")).vision_encoder.pos_embed is None
+    assert preset("x2vlm-small").vision.abs_pos_embed
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before, _ = model.encode_images(images)
+        noise = torch.randn_like(model.vision_encoder.pos_embed)
+        model.vision_encoder.pos_embed.add_(noise)
+        shifted, _ = model.encode_images(images)
+        model.vision_encoder.pos_embed.sub_(noise)
+    assert not torch.allclose(before, shifted, atol=1e-3)
+    save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        after, _ = from_pretrained(tmp_path / "m").eval().encode_images(images)
+    torch.testing.assert_close(after, before)
+    # resizing: CLS kept, a constant grid stays constant, the 4x4 grid becomes 6x6
+    table = torch.cat([torch.full((1, 1, 2), 7.0), torch.ones(1, 16, 2)], dim=1)
+    resized = resize_abs_pos_embed(table, 6)
+    assert resized.shape == (1, 37, 2) and resized[0, 0].tolist() == [7.0, 7.0]
+    torch.testing.assert_close(resized[:, 1:], torch.ones(1, 36, 2))
+    bigger = X2VLM(preset("x2vlm-tiny", image_res=96, vision={"abs_pos_embed": True}))
+    native = {"vision_encoder.pos_embed": model.vision_encoder.pos_embed.detach().clone()}
+    notes = adapt_to_model(native, bigger)
+    assert native["vision_encoder.pos_embed"].shape == (1, 37, 64) and any("pos_embed" in n for n in notes)

@@ -167,8 +167,19 @@ def test_build_task_validates_its_data_section(retrieval_world, tokenizer):
         build_task(video_data(retrieval_world), cfg.replace(frame_len=0, add_frame_pos=False), tokenizer, "data")
     with pytest.raises(FileNotFoundError, match="'image_root'"):
         build_task(image_data(retrieval_world, image_root=str(retrieval_world / "nowhere")), cfg, tokenizer, "data")
-    task = build_task(image_data(retrieval_world, selection_metric="img_r_mean"), cfg, tokenizer, "data")
-    assert task.model_task == "retrieval" and task.eval_splits == ["val", "test"] and task.selection_metric == "img_r_mean"
+    novel = str(retrieval_world / "karpathy" / "coco_karpathy_test_novel.json")
+    with pytest.raises(ValueError, match="data: key 'extra_eval_files': split name 'test' collides"):
+        build_task(image_data(retrieval_world, extra_eval_files={"test": novel}), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match="data: key 'extra_eval_files' must map split names to files"):
+        build_task(image_data(retrieval_world, extra_eval_files=[novel]), cfg, tokenizer, "data")
+    with pytest.raises(ValueError, match="data: key 'extra_eval_files.novel' must be a file path"):
+        build_task(image_data(retrieval_world, extra_eval_files={"novel": [novel]}), cfg, tokenizer, "data")
+    with pytest.raises(FileNotFoundError, match="data: key 'extra_eval_files.novel': no file at"):
+        build_task(image_data(retrieval_world, extra_eval_files={"novel": novel + ".missing"}), cfg, tokenizer, "data")
+    task = build_task(image_data(retrieval_world, selection_metric="img_r_mean", extra_eval_files={"test_novel": novel}), cfg,
+                      tokenizer, "data")
+    assert task.model_task == "retrieval" and task.selection_metric == "img_r_mean"
+    assert task.eval_splits == ["val", "test", "test_novel"]  # the extra splits after val and test, never first
 
 
 def test_train_set_ids_flips_and_batches(tmp_path, tokenizer):
@@ -391,11 +402,16 @@ def test_video_retrieval_on_the_tiny_world(retrieval_world, tokenizer, tiny_stat
 def test_finetuning_loop_runs_retrieval_end_to_end(retrieval_world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    data = image_data(retrieval_world, hflip="swap", crop_scale=[1.0, 1.0], randaug=False)
+    # an extra split reading the test file: evaluated after val and test, exactly as test is
+    data = image_data(retrieval_world, hflip="swap", crop_scale=[1.0, 1.0], randaug=False,
+                      extra_eval_files={"test_again": str(retrieval_world / "karpathy" / "coco_karpathy_test.json")})
     cfg = tiny_finetune_config("retrieval", data, tmp_path / "run", max_steps=4, batch_size=4, eval_every=2)
     summary = FT.run_finetuning(cfg)
+    assert summary["selection"]["split"] == "val"
     assert summary["selection"]["metric"] == summary["validation_history"][summary["selection"]["step"] // 2 - 1]["r_mean"]
     check_metrics(summary["results"]["test"])
+    assert list(summary["results"]) == ["val", "test", "test_again"]
+    assert summary["results"]["test_again"] == summary["results"]["test"]
     assert [Path(p).name for p in summary["pictures"]] == ["retrieval_test.png"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["task"] == "retrieval"
 
@@ -419,6 +435,7 @@ def test_shipped_configs_are_valid(name, retrieval_world, tmp_path):
     (tmp_path / "c.yaml").write_text(text.replace("runs/world", str(retrieval_world)))
     cfg = FT.load_finetune_config(tmp_path / "c.yaml", task="retrieval")
     task = FT.build_task(cfg, model_cfg, WordPieceTokenizer.from_name_or_path(model_cfg.tokenizer))
+    assert task.eval_splits == ["val", "test", "test_novel"]
     sample = task.train_set.get(0, np.random.default_rng(0))
     res = model_cfg.image_res
     assert sample.pixels.shape == ((model_cfg.frame_len, 3, res, res) if cfg.data.get("video") else (3, res, res))

@@ -145,15 +145,26 @@ def test_build_task_rejects_bad_configuration(world, tokenizer):
         VQ.build_task(world_data(world, frames=3), preset("x2vlm-tiny"), tokenizer, "t")
     with pytest.raises(ValueError, match="'val_file'"):
         VQ.build_task(world_data(world, val_file=None), preset("x2vlm-tiny"), tokenizer, "t")
+    novel = str(world / "msrvtt/msrvtt_qa_test_novel.jsonl")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files': split name 'test' collides"):
+        VQ.build_task(world_data(world, extra_eval_files={"test": novel}), preset("x2vlm-tiny"), tokenizer, "t")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files' must map split names to files"):
+        VQ.build_task(world_data(world, extra_eval_files=[novel]), preset("x2vlm-tiny"), tokenizer, "t")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files': split name 'novel/a' must be"):
+        VQ.build_task(world_data(world, extra_eval_files={"novel/a": novel}), preset("x2vlm-tiny"), tokenizer, "t")
 
 
 def test_finetuning_loop_runs_the_task(world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    cfg = tiny_finetune_config("video_qa", world_data(world, randaug=False), tmp_path / "run", max_steps=2, batch_size=4,
-                               eval_batch_size=16, log_every=1)
+    # an extra split reading the test file: evaluated after val and test, exactly as test is
+    data = world_data(world, randaug=False, extra_eval_files={"test_again": str(world / "msrvtt/msrvtt_qa_test.jsonl")})
+    cfg = tiny_finetune_config("video_qa", data, tmp_path / "run", max_steps=2, batch_size=4, eval_batch_size=16, log_every=1)
     summary = FT.run_finetuning(cfg)
-    assert set(summary["results"]) == {"val", "test"}
+    assert list(summary["results"]) == ["val", "test", "test_again"]
     assert 0.0 <= summary["results"]["test"]["acc"] <= 100.0
-    assert (tmp_path / "run" / "video_qa_test_result.json").exists()
+    assert summary["results"]["test_again"] == summary["results"]["test"]
+    run = tmp_path / "run"
+    assert (run / "video_qa_test_again_result.json").read_text() == (run / "video_qa_test_result.json").read_text()
     assert len(summary["pictures"]) == VQ.DRAWN_ITEMS
+    assert all(Path(p).name[: -len("_00000.png")] == "video_qa_test" for p in summary["pictures"])  # test is drawn

@@ -246,6 +246,13 @@ def test_build_task_rejects_bad_configuration(world, tokenizer, tmp_path):
                      cfg, tokenizer, "t")
     with pytest.raises(ValueError, match="crop_scale"):
         V.build_task(world_data(world, crop_scale=[0.0, 1.0]), cfg, tokenizer, "t")
+    novel = str(world / "vqa/vqa_test_novel.json")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files': split name 'val' collides"):
+        V.build_task(world_data(world, extra_eval_files={"val": novel}), cfg, tokenizer, "t")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files' must map split names to files"):
+        V.build_task(world_data(world, extra_eval_files=novel), cfg, tokenizer, "t")
+    with pytest.raises(ValueError, match="t: key 'extra_eval_files.test_novel' must be a file path"):
+        V.build_task(world_data(world, extra_eval_files={"test_novel": {"file": novel}}), cfg, tokenizer, "t")
 
 
 # -- official files -> processed json ----------------------------------------------------------------
@@ -275,13 +282,17 @@ def test_conversion_without_annotations_and_with_coco_names(world, tmp_path):
 def test_finetuning_loop_runs_the_task(world, tmp_path):
     from x2vlm.train import finetune as FT
 
-    cfg = tiny_finetune_config("vqa", world_data(world, randaug=False), tmp_path / "run", max_steps=2, batch_size=4,
-                               eval_batch_size=32, log_every=1)
+    # an extra split reading the test file: evaluated after val and test, exactly as test is
+    data = world_data(world, randaug=False, extra_eval_files={"test_again": str(world / "vqa/vqa_test.json")})
+    cfg = tiny_finetune_config("vqa", data, tmp_path / "run", max_steps=2, batch_size=4, eval_batch_size=32, log_every=1)
     summary = FT.run_finetuning(cfg)
-    assert set(summary["results"]) == {"val", "test"}
+    assert list(summary["results"]) == ["val", "test", "test_again"]
     assert "acc_yes/no" in summary["results"]["val"]
-    assert (tmp_path / "run" / "vqa_test_result.json").exists()
+    assert summary["results"]["test_again"] == summary["results"]["test"]
+    run = tmp_path / "run"
+    assert (run / "vqa_test_again_result.json").read_text() == (run / "vqa_test_result.json").read_text()
     assert len(summary["pictures"]) == V.DRAWN_ITEMS
+    assert all(Path(p).name[: -len("_00000.png")] == "vqa_test" for p in summary["pictures"])  # test is drawn, not the extra
 
 
 def test_eval_subset_keeps_evenly_spaced_questions(world, model, tokenizer, tmp_path):
@@ -313,17 +324,24 @@ def test_shipped_configs_parse(name, task):
     FT.base_model_config(cfg)  # the preset and its changes exist
 
 
+def relocated(value, world: Path):
+    """A config value with every ``runs/world`` path (in lists and mappings too) pointed at ``world``."""
+    if isinstance(value, dict):
+        return {k: relocated(v, world) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocated(v, world) for v in value]
+    return value.replace("runs/world", str(world)) if isinstance(value, str) else value
+
+
 @pytest.mark.parametrize("name", ["vqa_small_world", "video_qa_small_world"])
 def test_world_configs_build_on_a_world(world, name):
     from x2vlm.train import finetune as FT
 
     cfg = FT.load_finetune_config(CONFIGS / f"{name}.yaml")
-    data = {k: (v.replace("runs/world", str(world)) if isinstance(v, str) else
-                [p.replace("runs/world", str(world)) for p in v] if isinstance(v, list) and k.endswith("files") else v)
-            for k, v in cfg.data.items()}
+    data = relocated(cfg.data, world)
     model_cfg = FT.base_model_config(cfg)
     task = FT.build_task(FT.dataclasses.replace(cfg, data=data), model_cfg, WordPieceTokenizer.from_name_or_path(model_cfg.tokenizer))
-    assert task.eval_splits == ["val", "test"]
+    assert task.eval_splits == ["val", "test", "test_novel"]
     assert len(task.train_set) > 0
 
 

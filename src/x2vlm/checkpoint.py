@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from x2vlm.config import X2VLMConfig
-from x2vlm.models.beit import relative_position_index, resize_relative_position_bias_table
+from x2vlm.models.beit import relative_position_index, resize_abs_pos_embed, resize_relative_position_bias_table
 from x2vlm.models.x2vlm import X2VLM
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,11 @@ def adapt_to_model(native: dict[str, torch.Tensor], model: X2VLM) -> list[str]:
             src = native[key].shape[0]
             native[key] = resize_relative_position_bias_table(native[key], model.vision_encoder.grid)
             notes.append(f"{key}: resized {src} -> {native[key].shape[0]} rows")
+    key = "vision_encoder.pos_embed"
+    if key in native and key in own and native[key].shape != own[key].shape:
+        src = native[key].shape
+        native[key] = resize_abs_pos_embed(native[key], model.vision_encoder.grid)
+        notes.append(f"{key}: resized {tuple(src)} -> {tuple(native[key].shape)}")
     key = "absolute_frame_pos_embed"
     if key in native and key in own and native[key].shape != own[key].shape:
         src = native[key]
@@ -412,7 +417,7 @@ def load_ours(model: X2VLM, path: str | Path) -> list[str]:
 
 def infer_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig) -> X2VLMConfig:
     """Adjust a preset to an official state dict: task from its heads, image size from its
-    relative-position tables, frame positions and label count from their shapes."""
+    relative-position tables, absolute positions, frame positions and label count from their shapes."""
     native, _ = official_to_native(state)
     changes: dict = {}
     if "answer_decoder.embeddings.word_embeddings.weight" in native:
@@ -437,6 +442,8 @@ def infer_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig) -> X2VLMC
     if table is not None:
         grid = (round((table.shape[0] - 3) ** 0.5) + 1) // 2
         changes["image_res"] = grid * base.vision.patch_size
+    if "vision_encoder.pos_embed" in native:
+        changes["vision"] = {"abs_pos_embed": True}
     frames = native.get("absolute_frame_pos_embed")
     if frames is not None:
         changes["frame_len"], changes["add_frame_pos"] = frames.shape[1], True

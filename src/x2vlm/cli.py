@@ -84,6 +84,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """World -> two-stage pre-training -> every task, pre-trained and from scratch -> table and report."""
+    from x2vlm.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(out_dir=Path(args.out), size=args.size, seed=args.seed, ablation=args.ablation,
+                            pretrain_overrides=args.set_pretrain, finetune_overrides=args.set_finetune)
+    table = run_demo(settings)
+    print(table)
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_convert_vqa(args: argparse.Namespace) -> int:
     """Official VQA v2 question (+ annotation) files -> the processed json ``x2vlm finetune vqa`` reads."""
     from x2vlm.tasks.vqa import convert_vqa_official
@@ -159,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out-dir", help="where metrics and prediction files go (default: the config's out_dir)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: generate the world, pre-train, fine-tune every task, print the paper's table")
+    p.add_argument("--out", default="runs/demo", help="directory for everything the demo writes (default runs/demo); a re-run continues there")
+    p.add_argument("--size", default="small", choices=["small", "medium"], help="world size (default small)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default 0)")
+    p.add_argument("--ablation", action="store_true", help="also pre-train without region-text data and box losses and compare")
+    p.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE", help="override a field of both pre-training configs")
+    p.add_argument("--set-finetune", action="append", default=[], metavar="KEY=VALUE", help="override a field of every fine-tuning config")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert-vqa", help="official VQA v2 question/annotation files -> the processed json the VQA task reads")
     p.add_argument("questions", help="e.g. v2_OpenEnded_mscoco_train2014_questions.json")

@@ -41,6 +41,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.1
+    # Learned absolute position embedding added to [CLS; patches] (BEiT's ``use_abs_pos_emb``). The
+    # released X²-VLM models have none (relative position bias only); the small preset uses one,
+    # because at a few hundred steps box regression cannot recover positions from the bias alone.
+    abs_pos_embed: bool = False
 
 
 @dataclass
@@ -236,7 +240,7 @@ def _presets() -> dict[str, X2VLMConfig]:
         "x2vlm-small": _preset(
             "x2vlm-small",
             image_res=96,
-            vision=VisionConfig(width=384, depth=6, num_heads=6, drop_path_rate=0.0),  # short runs: no stochastic depth
+            vision=VisionConfig(width=384, depth=6, num_heads=6, drop_path_rate=0.0, abs_pos_embed=True),  # short runs: no stochastic depth
             text=TextConfig(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=9, fusion_start=6),
             embed_dim=128,
             frame_len=4,

@@ -1,7 +1,7 @@
 """BEiT-2 vision transformer as used by X²-VLM.
 
 The official model keeps the BEiT-2 trunk (per-block relative position bias, layer scale, separate
-q/v biases, no absolute position embedding) but changes the output: the CLS output is dropped,
+q/v biases, no absolute position embedding unless configured) but changes the output: the CLS output is dropped,
 every patch token goes through ``fc_norm`` and token 0 of the result is the mean of the normalised
 patch tokens. Region features replace token 0 by the mean of the patches a box covers.
 
@@ -89,6 +89,18 @@ def resize_relative_position_bias_table(table: torch.Tensor, dst_grid: int, num_
     return torch.cat([body, extra.to(body)], dim=0)
 
 
+def resize_abs_pos_embed(pos_embed: torch.Tensor, dst_grid: int) -> torch.Tensor:
+    """Bicubic resize of a ``(1, 1 + g*g, D)`` absolute position embedding to ``dst_grid``; CLS kept."""
+    src_grid = math.isqrt(pos_embed.shape[1] - 1)
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or src_grid * src_grid + 1 != pos_embed.shape[1]:
+        raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} is not (1, 1 + g*g, D)")
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, src_grid, src_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(dst_grid, dst_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, dst_grid * dst_grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, width: int):
         super().__init__()
@@ -168,6 +180,7 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid * self.grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.width)) if cfg.abs_pos_embed else None
         rates = linspace(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(Block(cfg, self.grid, rate) for rate in rates)
         self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -184,6 +197,8 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer, block in enumerate(self.blocks, start=1):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
@@ -192,6 +207,8 @@ class VisionTransformer(nn.Module):
         """All blocks over [CLS; patches]; returns the final tokens and optional per-block records."""
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
         hidden_states, attentions = [], []
         for block in self.blocks:
             if output_hidden_states:

@@ -18,7 +18,9 @@ Evaluation: one caption per image, written as ``caption_<split>_result.json`` (C
 and scored with pycocoevalcap exactly like the COCO caption evaluation (PTB tokenisation, BLEU-1..4,
 METEOR, ROUGE-L, CIDEr; SPICE is skipped). Every metric is reported x100 (BLEU-4 39.x, CIDEr 13x.x,
 as papers print them). Selection metric: ``cider`` on the validation split (the official code
-selects on test, spec §6.30).
+selects on test, spec §6.30). Splits: ``val_file``/``val_gt``, ``test_file``/``test_gt`` (a missing
+gt: the file's own captions are the references), then, evaluated like test after it, the optional
+``extra_eval_files: {test_novel: {file: data/novel.json, gt: data/novel_gt.json}}`` (gt optional).
 
 SCST (``scst: true``): self-critical sequence training with a CIDEr-D reward whose document
 frequencies come from the training references; a multinomial sample per image is rewarded by its
@@ -71,6 +73,7 @@ from x2vlm.tasks.common import (
     check_keys,
     crop_scale_key,
     existing_path,
+    extra_eval_files_key,
     model_device,
     shard_range,
     typed_key,
@@ -572,7 +575,7 @@ class ScstObjective:
 
 # -- the task ----------------------------------------------------------------------------------------
 DATA_KEYS = {
-    "train_file", "val_file", "val_gt", "test_file", "test_gt", "image_root", "image_id_key",
+    "train_file", "val_file", "val_gt", "test_file", "test_gt", "extra_eval_files", "image_root", "image_id_key",
     "max_tokens", "max_words", "prompt", "mask_prob", "max_masks", "whole_word", "skipgram_prb", "skipgram_size",
     "fg_free", "label_smoothing", "crop_scale", "randaugment", "hflip",
     "num_beams", "min_length", "max_length", "length_penalty", "block_repeated_trigrams", "greedy",
@@ -621,6 +624,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
                                        randaug=bool_key(data, "randaugment", True, where),
                                        hflip=bool_key(data, "hflip", True, where))
     image_id_key = typed_key(data, "image_id_key", str, None, where)
+    extra_files = extra_eval_files_key(data, where, fields=("file", "gt"))
 
     splits: dict[str, CaptionSplit] = {}
     for name in ("val", "test"):
@@ -635,6 +639,11 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         splits[name] = load_caption_split(name, file, gt, image_id_key)
     if not splits:
         raise ValueError(f"{where}: give 'val_file' (model selection) and/or 'test_file'")
+    draw_split = splits[list(splits)[-1]]  # test (or val): the extra splits are not drawn
+    for name, files in extra_files.items():  # evaluated like test, after it
+        if files["gt"] is None:
+            log.info("%s: no extra_eval_files.%s.gt; the references of %s are the captions of %s", where, name, name, files["file"])
+        splits[name] = load_caption_split(name, files["file"], files["gt"], image_id_key)
 
     max_words = typed_key(data, "max_words", int, 40, where)
     pairs = []
@@ -680,7 +689,6 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         return evaluate_captions(model, splits[split], ctx, image_root, prompt_tensor, gen, tokenizer, metrics)
 
     draw_count = at_least(typed_key(data, "draw_images", int, 4, where), "draw_images", where, 0)
-    draw_split = splits[list(splits)[-1]]
 
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
         with (ctx.autocast or nullcontext)():

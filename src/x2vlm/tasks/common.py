@@ -17,6 +17,7 @@ A task is plain data plus functions, built by its module's ``build_task(...)``:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,52 @@ def existing_path(path: str | None, key: str, where: str) -> str | None:
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{where}: key {key!r}: no file at {path}")
     return path
+
+
+EXTRA_EVAL_FILES = "extra_eval_files"
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _existing_file_path(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ValueError(f"{where}: key {key!r} must be a file path, got {value!r}")
+    return existing_path(str(value), key, where)
+
+
+def extra_eval_files_key(data: dict, where: str, fields: Sequence[str] = (), reserved: Sequence[str] = ("val", "test")
+                         ) -> dict[str, Any]:
+    """The optional ``extra_eval_files`` of a data section: split name -> what evaluating that split
+    reads, in the configured order; ``{}`` when the key is absent or null.
+
+    A value is an existing file's path or, when ``fields`` are given (captioning: ``("file", "gt")``),
+    a mapping of those keys to existing paths: the first field required, the others optional (None
+    when absent or null). Split names are new names (not one of ``reserved``, the task's own
+    splits) made of letters, digits, ``_``, ``.`` and ``-`` (they name result files). Errors name
+    ``where`` and the key (``extra_eval_files.<split>[.<field>]``)."""
+    extra = data.get(EXTRA_EVAL_FILES)
+    if extra is None:
+        return {}
+    what = "files" if not fields else "{" + ", ".join(f"{f}: ..." for f in fields) + "} mappings"
+    if not isinstance(extra, dict):
+        raise ValueError(f"{where}: key {EXTRA_EVAL_FILES!r} must map split names to {what}, got {extra!r}")
+    result: dict[str, Any] = {}
+    for name, value in extra.items():
+        if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name):
+            raise ValueError(f"{where}: key {EXTRA_EVAL_FILES!r}: split name {name!r} must be a non-empty string of letters, "
+                             "digits, '_', '.' and '-'")
+        if name in reserved:
+            raise ValueError(f"{where}: key {EXTRA_EVAL_FILES!r}: split name {name!r} collides with the task's own "
+                             f"'{name}' split; give the extra split another name")
+        key = f"{EXTRA_EVAL_FILES}.{name}"
+        if not fields:
+            result[name] = _existing_file_path(value, key, where)
+            continue
+        if not isinstance(value, dict) or value.get(fields[0]) is None or set(value) - set(fields):
+            optional = "".join(f", {f}: ... (optional)" for f in fields[1:])
+            raise ValueError(f"{where}: key {key!r} must be a mapping {{{fields[0]}: ...{optional}}}, got {value!r}")
+        result[name] = {field_name: None if value.get(field_name) is None else
+                        _existing_file_path(value[field_name], f"{key}.{field_name}", where) for field_name in fields}
+    return result
 
 
 # -- evaluation helpers ------------------------------------------------------------------------------

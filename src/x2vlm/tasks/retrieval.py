@@ -31,6 +31,7 @@ Data section of the fine-tuning YAML::
     train_files: [data/coco/coco_karpathy_train.json]   # [{image, caption, image_id}] (videos: key video)
     val_file: data/coco/coco_karpathy_val.json          # [{image, caption: [...]}]
     test_file: data/coco/coco_karpathy_test.json
+    extra_eval_files: {test_novel: data/coco/novel.json}  # optional: more splits, evaluated like test after it
     image_root: data/coco/images                        # image (or video) paths are relative to it
     video: false          # items are videos: model_cfg.frame_len frames, official sampling positions
     max_tokens: 30        # words kept by pre_caption and tokens kept by the tokenizer
@@ -83,6 +84,7 @@ from x2vlm.tasks.common import (
     bool_key,
     check_keys,
     crop_scale_key,
+    extra_eval_files_key,
     gather_tensors,
     model_device,
     positive_int_key,
@@ -659,8 +661,8 @@ def retrieval_loss(model: X2VLM, batch: RetrievalBatch, generator: torch.Generat
 
 
 # -- the task ----------------------------------------------------------------------------------------
-DATA_KEYS = {"train_files", "val_file", "test_file", "image_root", "video", "max_tokens", "k_test", "crop_scale", "randaug",
-             "hflip", "index_key", "vision_key", "text_key", "rerank_batch_size", "max_cached_images", "selection_metric"}
+DATA_KEYS = {"train_files", "val_file", "test_file", "extra_eval_files", "image_root", "video", "max_tokens", "k_test",
+             "crop_scale", "randaug", "hflip", "index_key", "vision_key", "text_key", "rerank_batch_size", "max_cached_images", "selection_metric"}
 REQUIRED_KEYS = ("train_files", "val_file", "test_file", "image_root")
 
 
@@ -686,9 +688,10 @@ class RetrievalTask:
         return flat_metrics(ranking_metrics(scores, eval_set.img2txt, eval_set.txt2img))
 
     def draw(self, model: X2VLM, out_dir: Path, ctx: EvalContext) -> list[Path]:
-        """One PNG per drawn split: a few text queries, each with its top-5 retrieved images (green
-        frame: the ground truth, red: wrong), from the last evaluation (or a new one)."""
-        split = list(self.eval_sets)[-1]
+        """One PNG of the test split (not of the extra splits): a few text queries, each with its
+        top-5 retrieved images (green frame: the ground truth, red: wrong), from the last evaluation
+        (or a new one)."""
+        split = "test"
         if split not in self.top_hits:  # draw runs on the main rank only: evaluate in this process alone
             self._evaluate(model, split, ctx, Sharding())
         return [draw_text_queries(self.eval_sets[split], self.top_hits[split], Path(out_dir) / f"retrieval_{split}.png")]
@@ -757,6 +760,8 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         rerank_batch_size=positive_int_key(data, "rerank_batch_size", DEFAULT_RERANK_BATCH, where),
         max_cached_images=positive_int_key(data, "max_cached_images", DEFAULT_MAX_CACHED_IMAGES, where),
     )
+    split_files = {"val": string_key(data, "val_file", None, where), "test": string_key(data, "test_file", None, where),
+                   **extra_eval_files_key(data, where)}
     selection_metric = string_key(data, "selection_metric", "r_mean", where)
     known_metrics = [prefix + key for prefix in ("", "itc_", "itm_plus_itc_") for key in RECALL_KEYS]
     if selection_metric not in known_metrics:
@@ -767,14 +772,10 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where), randaug=bool_key(data, "randaug", True, where),
                                        hflip=hflip is not False)
     train_set = load_train_set(train_files, image_root, transform, hflip, max_tokens, frame_len, index_key, vision_key, text_key)
-    eval_sets = {
-        split: load_eval_set(string_key(data, key, None, where), image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len,
-                             vision_key, text_key)
-        for split, key in (("val", "val_file"), ("test", "test_file"))
-    }
-    log.info("retrieval: %d training pairs of %d %s; val %d x %d texts, test %d x %d texts", len(train_set), len(set(train_set.ids)),
-             "videos" if video else "images", len(eval_sets["val"].vision), len(eval_sets["val"].texts),
-             len(eval_sets["test"].vision), len(eval_sets["test"].texts))
+    eval_sets = {split: load_eval_set(path, image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len, vision_key, text_key)
+                 for split, path in split_files.items()}
+    log.info("retrieval: %d training pairs of %d %s; %s", len(train_set), len(set(train_set.ids)), "videos" if video else "images",
+             ", ".join(f"{split} {len(s.vision)} x {len(s.texts)} texts" for split, s in eval_sets.items()))
     task = RetrievalTask(eval_sets, settings)
     return FinetuneTask(
         name="retrieval",

@@ -27,6 +27,7 @@ Data section of the fine-tuning YAML::
     train_file: data/finetune/msrvtt_qa/train.jsonl
     val_file: data/finetune/msrvtt_qa/val.jsonl
     test_file: data/finetune/msrvtt_qa/test.jsonl      # optional
+    extra_eval_files: {test_novel: data/finetune/msrvtt_qa/novel.jsonl}  # optional: more splits, evaluated like test after it
     ans2label_file: data/finetune/msrvtt_qa/train_ans2label.json
     video_root: data/msrvtt_frames
     video_template: "video_{video_number}.json"          # default "{video_id}.mp4"
@@ -62,6 +63,7 @@ from x2vlm.tasks.common import (
     bool_key,
     check_keys,
     crop_scale_key,
+    extra_eval_files_key,
     gather_tensors,
     grouped_order,
     model_device,
@@ -80,7 +82,7 @@ DRAWN_ITEMS = 6
 EVAL_SPLITS = ("val", "test")
 
 DATA_KEYS = {
-    "train_file", "val_file", "test_file", "ans2label_file", "video_root", "video_template", "max_tokens",
+    "train_file", "val_file", "test_file", "extra_eval_files", "ans2label_file", "video_root", "video_template", "max_tokens",
     "careful_hflip", "hflip", "randaug", "crop_scale",
 }
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -315,6 +317,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         crop_scale=crop_scale_key(data, where),
     )
     videos = VideoSource(data.get("video_root"), template)
+    extra_files = extra_eval_files_key(data, where)
     ans2label = read_ans2label(str(require_key(data, "ans2label_file", where)))
     labels = [answer for answer, _ in sorted(ans2label.items(), key=lambda pair: pair[1])]
     train_file = str(require_key(data, "train_file", where))
@@ -335,6 +338,9 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
                 raise ValueError(f"{where}: missing key 'val_file' (the validation split that selects the checkpoint)")
             continue
         splits[split], sources[split] = load_video_qa(str(path), ans2label, EVAL_QUESTION_WORDS), str(path)
+    drawn_split = list(splits)[-1]  # test (or val): the extra splits are not drawn
+    for split, path in extra_files.items():  # evaluated like test, after it
+        splits[split], sources[split] = load_video_qa(path, ans2label, EVAL_QUESTION_WORDS), path
     log.info("video_qa: %d training questions, %d answers; %s", len(train_items), len(labels),
              ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
 
@@ -344,8 +350,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         return evaluate_video_qa(model, splits[split], split, sources[split], videos, tokenizer, settings, labels, ctx)
 
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
-        split = list(splits)[-1]
-        return draw_predictions(model, splits[split], split, videos, tokenizer, settings, labels, out_dir)
+        return draw_predictions(model, splits[drawn_split], drawn_split, videos, tokenizer, settings, labels, out_dir)
 
     return FinetuneTask(
         name="video_qa",

@@ -30,6 +30,7 @@ Data section of the fine-tuning YAML::
     val_annotations_file: .../v2_mscoco_val2014_annotations.json         # answer/question types
     test_questions_file: ...                    # optional, likewise for the test split
     test_annotations_file: ...
+    extra_eval_files: {test_novel: data/finetune/vqa_novel.json}  # optional: more splits, evaluated like test after it (answers from the json)
     answer_list: data/finetune/answer_list.json
     image_root: images/coco                     # or {vqa: images/coco, vg: images/visualgenome}
     max_tokens: 40
@@ -76,6 +77,7 @@ from x2vlm.tasks.common import (
     check_keys,
     crop_scale_key,
     evenly_spaced_subset,
+    extra_eval_files_key,
     gather_tensors,
     grouped_order,
     model_device,
@@ -98,7 +100,7 @@ EVAL_SPLITS = ("val", "test")
 DECODER_PREFIXES = ("answer_decoder.", "answer_head.")
 
 DATA_KEYS = {
-    "train_files", "val_file", "test_file", "answer_list", "image_root", "max_tokens", "k_test",
+    "train_files", "val_file", "test_file", "extra_eval_files", "answer_list", "image_root", "max_tokens", "k_test",
     "double_count_first_token", "vg_answer_weight", "careful_hflip", "hflip", "randaug", "crop_scale", "eval_subset",
     *(f"{split}_{kind}_file" for split in EVAL_SPLITS for kind in ("questions", "annotations")),
 }
@@ -454,6 +456,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     )
     image_roots = _image_roots(data, where)
     eval_subset = optional_positive_int_key(data, "eval_subset", where)
+    extra_files = extra_eval_files_key(data, where)
     answer_list = read_answer_list(str(require_key(data, "answer_list", where)))
     train_examples = load_train_examples([str(f) for f in train_files])
     splits: dict[str, VQASplit] = {}
@@ -473,6 +476,9 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if splits["val"].ground_truth is None:
         raise ValueError(f"{where}: the questions of 'val_file' ({splits['val'].source}) need answers (or give "
                          "'val_questions_file' and 'val_annotations_file') to select a checkpoint by accuracy")
+    drawn_split = list(splits)[-1]  # test (or val): the extra splits are not drawn
+    for split, path in extra_files.items():  # evaluated like test, after it; their ground truth is the json's answers
+        splits[split] = split_subset(load_eval_split(split, path, None, None), eval_subset)
     log.info("vqa: %d training questions, %d candidate answers; %s", len(train_examples), len(answer_list),
              ", ".join(f"{s} {len(v.examples)}" for s, v in splits.items()))
 
@@ -482,8 +488,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         return evaluate_vqa(model, splits[split], image_roots, tokenizer, settings, answer_list, ctx)
 
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
-        split = splits[list(splits)[-1]]
-        return draw_predictions(model, split, image_roots, tokenizer, settings, answer_list, out_dir)
+        return draw_predictions(model, splits[drawn_split], image_roots, tokenizer, settings, answer_list, out_dir)
 
     return FinetuneTask(
         name="vqa",

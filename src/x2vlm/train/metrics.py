@@ -3,6 +3,7 @@ for model-FLOPs utilisation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -53,7 +54,13 @@ def count_step_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 
 def measure_matmul_peak(device: torch.device, precision: str, size: int | None = None, repeats: int = 5) -> float:
     """Achieved FLOP/s of a square matmul in the run's precision: the denominator of MFU. The best of
-    ``repeats`` timings, so that a moment of contention at start-up does not lower the peak."""
+    ``repeats`` timings, so that a moment of contention at start-up does not lower the peak.
+    Measured once per process, device, precision and size (a demo runs many trainings in one process)."""
+    return _matmul_peak(torch.device(device), precision, size, repeats)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(device: torch.device, precision: str, size: int | None, repeats: int) -> float:
     size = size or (4096 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone

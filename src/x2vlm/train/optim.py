@@ -18,7 +18,7 @@ from torch import nn
 
 # Parameters with more than one dimension that are still not decayed: lookup tables / embeddings of
 # positions whose magnitude carries meaning.
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_frame_pos_embed", "cls_token", "position_embeddings", "token_type_embeddings")
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_frame_pos_embed", "cls_token", "pos_embed", "position_embeddings", "token_type_embeddings")
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _source_section(name: str):
 _SECTIONS = {**{name: _source_section(name) for name in SOURCE_KINDS}, "optimizer": OptimizerConfig, "schedule": ScheduleConfig}
 
 
-def _build_config(data: Any, where: str) -> PretrainConfig:
+def build_pretrain_config(data: Any, where: str) -> PretrainConfig:
     """PretrainConfig from a mapping; unknown keys anywhere are errors naming the key."""
     return dataclass_from_mapping(PretrainConfig, data, where, _SECTIONS)
 
@@ -121,7 +121,7 @@ def read_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
-    return _build_config(read_run_config(path, overrides), str(path or "config"))
+    return build_pretrain_config(read_run_config(path, overrides), str(path or "config"))
 
 
 def config_to_yaml(cfg: PretrainConfig) -> str:
