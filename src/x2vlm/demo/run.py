@@ -245,7 +245,8 @@ def run_demo(settings: DemoSettings) -> str:
                      _clock(state.stages[stage.name]["seconds"]))
             continue
         remaining = sum(s.expected_s for s in stages[number - 1:] if not state.done(s.name))
-        speed = done_actual / done_expected if done_expected else 1.0
+        # this machine's pace relative to the planned times, once there is enough to judge it by
+        speed = done_actual / done_expected if done_expected >= 120 else 1.0
         log.info("demo stage %d/%d: %s (ETA of the demo ~%s)", number, len(stages), stage.title, _clock(remaining * speed))
         start = time.perf_counter()
         result = stage.run()
