@@ -80,3 +80,13 @@ def build_tiny(task: str, tiny_state):
     new = load_official(model, tiny_state)
     assert new == []
     return model.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: for tiny tensors thread hand-offs cost more than the work,
+    badly so on a busy machine (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -106,13 +106,7 @@ from x2vlm.tasks.retrieval import (
 from x2vlm.tokenizer import WordPieceTokenizer
 from x2vlm.train.distributed import DistInfo
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the work, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -391,6 +391,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
+def resolve_trained_model_dir(path: str | Path) -> Path:
+    """The model to evaluate or run: a fine-tuning run's selected weights (``best/``) when it has
+    them, else what ``resolve_model_dir`` finds (the directory itself or the latest checkpoint)."""
+    path = Path(path)
+    if (path / "best" / CONFIG_NAME).exists():
+        return path / "best"
+    return resolve_model_dir(path)
+
+
 ENCODER_PREFIXES = ("vision_encoder.", "text_encoder.", "cross_encoder.")
 
 

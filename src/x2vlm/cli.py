@@ -73,12 +73,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from x2vlm.checkpoint import resolve_model_dir
+    from x2vlm.checkpoint import resolve_trained_model_dir
     from x2vlm.train.finetune import load_finetune_config, run_evaluation
 
     cfg = load_finetune_config(args.config, args.set, task=args.task)
-    checkpoint = Path(args.checkpoint)
-    checkpoint = checkpoint / "best" if (checkpoint / "best" / "config.json").exists() else resolve_model_dir(checkpoint)
+    checkpoint = resolve_trained_model_dir(args.checkpoint)
     results = run_evaluation(cfg, checkpoint, args.out_dir)
     print(json.dumps(results, indent=2))
     return 0

@@ -36,7 +36,7 @@ from x2vlm.data.transforms import (
     sample_region_view,
     whole_image_patch_mask,
 )
-from x2vlm.data.video import count_frames, decode_base64_frames, load_image, read_video_frames, sample_frame_indices
+from x2vlm.data.video import decode_base64_frames, load_image, read_clip, sample_frame_indices
 
 if TYPE_CHECKING:
     from x2vlm.data.pretrain import SourceConfig
@@ -273,8 +273,7 @@ class SampleDecoder:
             raise SkipSample("bad_video", str(error)) from None
 
     def _sample_video_file(self, path: str, rng: np.random.Generator) -> list[Image.Image]:
-        indices = sample_frame_indices(count_frames(path), self.frame_len, True, rng)
-        return read_video_frames(path, indices)
+        return read_clip(path, self.frame_len, True, rng)
 
     # -- kinds -------------------------------------------------------------------------------------
 

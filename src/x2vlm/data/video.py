@@ -164,6 +164,15 @@ def count_frames(path: PathLike, exact: bool = False) -> int:
         container.close()
 
 
+def read_clip(
+    path: PathLike, frame_len: int, training: bool = False, rng: np.random.Generator | None = None
+) -> list[Image.Image]:
+    """The ``frame_len`` frames of the video file ``path`` that training (``rng`` draws them) or
+    evaluation and inference (``training=False``: segment starts) see: ``sample_frame_indices``
+    over the file's frame count, then decoded. Errors name the file."""
+    return read_video_frames(path, sample_frame_indices(count_frames(path), frame_len, training, rng))
+
+
 # --------------------------------------------------------------------------------------------------
 # Images (base64 strings in JSON lines, or paths)
 # --------------------------------------------------------------------------------------------------

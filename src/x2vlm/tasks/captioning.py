@@ -31,6 +31,7 @@ parallel FG-free pass, equal to the incremental ones) are pushed up or down by t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -583,6 +584,18 @@ DATA_KEYS = {
 }
 
 
+def generation_settings(data: dict, where: str) -> CaptionSettings:
+    """The decoding settings of a data section (``num_beams``, ``min_length``, ``max_length``,
+    ``length_penalty``, ``block_repeated_trigrams``, ``greedy``); ``{}`` gives the task's defaults."""
+    return CaptionSettings(
+        num_beams=at_least(typed_key(data, "num_beams", int, 3, where), "num_beams", where),
+        min_length=at_least(typed_key(data, "min_length", int, 5, where), "min_length", where, 0),
+        max_new_tokens=at_least(typed_key(data, "max_length", int, 50, where), "max_length", where),
+        length_penalty=typed_key(data, "length_penalty", float, 0.0, where),
+        block_repeated_trigrams=bool_key(data, "block_repeated_trigrams", True, where),
+        greedy=bool_key(data, "greedy", False, where))
+
+
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
     check_keys(data, DATA_KEYS, where)
     image_root = typed_key(data, "image_root", str, None, where)
@@ -608,13 +621,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if longest > max_positions:
         raise ValueError(f"{where}: max_tokens {max_tokens}{' + max_masks ' + str(masking.max_masks) if fg_free else ''} "
                          f"exceeds the model's {max_positions} position embeddings")
-    gen = CaptionSettings(
-        num_beams=at_least(typed_key(data, "num_beams", int, 3, where), "num_beams", where),
-        min_length=at_least(typed_key(data, "min_length", int, 5, where), "min_length", where, 0),
-        max_new_tokens=at_least(typed_key(data, "max_length", int, 50, where), "max_length", where),
-        length_penalty=typed_key(data, "length_penalty", float, 0.0, where),
-        block_repeated_trigrams=bool_key(data, "block_repeated_trigrams", True, where),
-        greedy=bool_key(data, "greedy", False, where))
+    gen = generation_settings(data, where)
     check_generation_length(gen, len(prompt_ids), max_positions)  # fails early on too long generation
     metrics = typed_key(data, "metrics", list, list(METRIC_GROUPS), where)
     unknown = sorted(set(metrics) - set(METRIC_GROUPS))
@@ -695,5 +702,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
             return draw_captions(model, draw_split, Path(out_dir), image_root, prompt_tensor, gen, tokenizer, draw_count)
 
     return FinetuneTask("captioning", "captioning", train_set, collate, loss, evaluate, list(splits), SELECTION_METRIC,
-                        draw=draw if draw_count else None)
+                        draw=draw if draw_count else None,
+                        inference_files={"inference.json": {"task": "captioning", "prompt": prompt,
+                                                            "generation": dataclasses.asdict(gen)}})
 

@@ -64,6 +64,10 @@ class FinetuneTask:
     # Parameters whose names start with these train at lr * lr_mult like newly initialised ones,
     # even when the init loaded them (official VQA ``large_lr_for_dec``: the answer decoder).
     lr_mult_prefixes: tuple[str, ...] = ()
+    # JSON documents written beside the selected weights (``best/<name>``) so that inference
+    # (``x2vlm.inference``) computes what the evaluation computes: the answer list or label names
+    # and the evaluation settings (``inference.json``).
+    inference_files: dict[str, Any] = field(default_factory=dict)
 
 
 # -- values of a task's data section (errors name ``where`` and the key) -------------------------------

@@ -378,4 +378,6 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         eval_splits=list(eval_items),
         selection_metric="acc",
         draw=draw,
+        inference_files={"inference.json": {"task": "grounding", "max_tokens": settings.max_tokens,
+                                            "max_words": settings.max_words}},
     )

@@ -65,12 +65,7 @@ from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import read_karpathy_eval, read_karpathy_train
 from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform, swap_left_right
-from x2vlm.data.video import (
-    count_frames,
-    load_image,
-    read_video_frames,
-    sample_frame_indices,
-)
+from x2vlm.data.video import load_image, read_clip
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.objectives import (
     contrastive_loss,
@@ -180,7 +175,7 @@ class FileVision:
     def frames(self, index: int) -> list[Image.Image]:
         path = self.paths[index]
         try:
-            return read_video_frames(path, sample_frame_indices(count_frames(path), self.frame_len, training=False))
+            return read_clip(path, self.frame_len)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"{self.source}[{index}] field {self.field!r}: {err}") from err
 
@@ -596,7 +591,7 @@ class RetrievalTrainSet:
         path, caption = self.images[index], self.captions[index]
         try:
             if self.frame_len:
-                frames = read_video_frames(path, sample_frame_indices(count_frames(path), self.frame_len, training=True, rng=rng))
+                frames = read_clip(path, self.frame_len, training=True, rng=rng)
             else:
                 frames = [load_image(path, is_path=True, source=self.sources[index], field=self.vision_key)]
         except (ValueError, FileNotFoundError) as err:
@@ -787,4 +782,6 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         eval_splits=list(eval_sets),
         selection_metric=selection_metric,
         draw=task.draw,
+        inference_files={"inference.json": {"task": "retrieval", "max_tokens": max_tokens, "k_test": settings.k_test,
+                                            "video": video}},
     )

@@ -56,7 +56,7 @@ from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import DataFormatError, read_ans2label, read_json, read_video_qa
 from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
-from x2vlm.data.video import count_frames, decode_base64_frames, read_video_frames, sample_frame_indices
+from x2vlm.data.video import decode_base64_frames, read_clip, sample_frame_indices
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
@@ -113,8 +113,7 @@ class VideoSource:
                 raise DataFormatError(f"{path}: expected a JSON list of base64 frames (video {video_id})")
             indices = sample_frame_indices(len(frame_list), frame_len, training, rng)
             return decode_base64_frames(frame_list, indices, source=str(path))
-        indices = sample_frame_indices(count_frames(path), frame_len, training, rng)
-        return read_video_frames(path, indices)
+        return read_clip(path, frame_len, training, rng)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -363,4 +362,5 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         selection_metric="acc",
         model_changes={"num_labels": len(ans2label)},
         draw=draw,
+        inference_files={"ans2label.json": ans2label, "inference.json": {"task": "video_qa", "max_tokens": settings.max_tokens}},
     )

@@ -501,4 +501,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         selection_metric="acc",
         draw=draw,
         lr_mult_prefixes=DECODER_PREFIXES,
+        inference_files={"answer_list.json": answer_list, "inference.json": {
+            "task": "vqa", "max_tokens": settings.max_tokens, "k_test": settings.k_test,
+            "double_count_first_token": settings.double_count_first_token}},
     )

@@ -282,7 +282,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
                 if score > best["metric"]:
                     best = {"metric": score, "step": step}
                     if dist_info.is_main:
-                        _save_best(model, out_dir, tokenizer)
+                        _save_best(model, out_dir, tokenizer, task.inference_files)
                     barrier()
                 model.train()
             if step % ckpt_every == 0 or step == total_steps:
@@ -337,11 +337,14 @@ def run_evaluation(cfg: FinetuneConfig, checkpoint: str | Path, out_dir: str | P
     return results
 
 
-def _save_best(model: X2VLM, out_dir: Path, tokenizer: WordPieceTokenizer) -> None:
-    """Write the selected weights to ``best/`` via a staging directory and a rename."""
+def _save_best(model: X2VLM, out_dir: Path, tokenizer: WordPieceTokenizer, files: dict[str, Any] | None = None) -> None:
+    """Write the selected weights (and the task's ``inference_files`` as JSON) to ``best/`` via a
+    staging directory and a rename."""
     staging, final = out_dir / f".staging_{BEST}", out_dir / BEST
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(model, staging, tokenizer_files={"vocab.txt": tokenizer.vocab_file})
+    for name, content in (files or {}).items():
+        (staging / name).write_text(json.dumps(content) + "\n")
     old = out_dir / f".old_{BEST}"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -1,0 +1,874 @@
+"""Inference with a trained model: one handle for every task, computing what the evaluation computes.
+
+    import x2vlm
+    model = x2vlm.load("runs/ft/vqa_pre")                         # a model directory or a run directory
+    model.answer("scene.png", "what color is the circle")        # -> Answer(answer='red', probability=..., top=[...])
+    model.ground(image, "the red circle on the left")            # -> [x, y, w, h] in pixels of the image
+    model.caption(["a.png", "b.png"], beams=3)                   # -> ["a red circle ...", "..."]
+    model.match(images, texts)                                   # -> {"itm": (I, T), "itc": (I, T)} numpy arrays
+    index = model.index(paths, kind="images"); index.save("gallery")
+    model.retrieve("a red circle", GalleryIndex.load("gallery"), k=5)   # -> [Hit(index, id, itc, itm), ...]
+
+**Inputs.** An image is a PIL image, a path, the bytes of an image file or a ``uint8`` numpy array
+``(H, W, 3)`` (``(H, W)`` grey and ``(H, W, 4)`` RGBA are converted); a list of those (or an
+``(N, H, W, 3)`` array) is a batch. A video is a video file's path, a list of frames (PIL images or
+arrays) or an ``(F, H, W, 3)`` array; a list of video paths or of frame lists is a batch (so a
+frame list of *paths* must be given inside a batch: ``[[f0, f1, f2]]``). Texts are strings or lists
+of strings. A single input gives a single result, a list a list. An unreadable file raises
+``FileNotFoundError`` (missing) or ``ValueError`` (corrupt), naming the path; a wrong kind of input
+raises ``TypeError``; a model without the head a method needs raises ``TaskMismatchError`` (a
+``ValueError``) saying which task the model is and which one the method needs.
+
+**The same pre-processing and computation as the evaluation.** Images go through the evaluation
+transform (``data.transforms.EvalTransform``: bicubic resize to the model's ``image_res``, CLIP
+normalisation); videos through ``data.video.read_clip`` (the evaluation frame positions,
+``sample_frame_indices``) or, for frame lists, the same sampler over the list; texts through the
+cleaning and the token limits of the task's evaluation (``pre_question`` with 50 words for
+questions, ``pre_caption`` for captions and expressions). The task settings the evaluation used
+(``max_tokens``, ``k_test``, the caption decoding settings and prompt, ...) are read from the
+``inference.json`` that fine-tuning writes beside the selected weights (``best/``), together with
+the VQA ``answer_list.json`` and the video-QA ``ans2label.json``; a directory without them (a
+checkpoint, a converted official model) uses each task's defaults. The models then run the task
+modules' own functions: ``vqa.encode_questions`` + ``generation.rank_answers``,
+``model.predict_boxes`` + ``grounding.box_to_original_pixels``, ``captioning.generate_captions``,
+``retrieval.encode_vision_range`` / ``encode_text_range`` / ``cached_itm_scores`` and the
+evaluation's ITC top-``k_test`` candidate choice, ``video_qa.answer_logits``.
+
+**Batching.** Calls work in batches of ``Model.batch_size``; texts are padded and masked, so a
+result does not depend on what else is in the batch (up to float rounding, ~1e-6; rankings,
+answers and caption ids are the same).
+
+**Scores.** ``itc`` is the cosine similarity of the L2-normalised contrastive features (the
+evaluation's first stage); ``itm`` the match logit (column 1 of the ITM head) that the evaluation
+re-ranks by, not a probability. Answer probabilities are the evaluation's: for VQA the softmax
+over the ``k_test`` re-ranked candidates, for video QA the softmax over all labels.
+
+**Embeddings** (``embed_images`` / ``embed_texts`` / ``embed_videos``) are numpy float32 arrays of
+L2-normalised ITC features, ``(N, embed_dim)`` for a batch, ``(embed_dim,)`` for one input.
+
+**dtype.** ``None``/``"fp32"``: float32; ``"bf16"``: bfloat16 autocast around the model (matrix
+products in bf16), on CPU or CUDA, as the evaluation runs with ``precision: bf16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from x2vlm.checkpoint import _atomic_write, from_pretrained, resolve_trained_model_dir
+from x2vlm.data.readers import read_ans2label, read_answer_list
+from x2vlm.data.text import pre_caption, pre_question
+from x2vlm.data.transforms import EvalTransform, as_rgb
+from x2vlm.data.video import load_image, read_clip, sample_frame_indices
+from x2vlm.generation import CaptionSettings, rank_answers
+from x2vlm.models.x2vlm import X2VLM
+from x2vlm.tasks import captioning as captioning_task
+from x2vlm.tasks import grounding as grounding_task
+from x2vlm.tasks import retrieval as retrieval_task
+from x2vlm.tasks import video_qa as video_qa_task
+from x2vlm.tasks import vqa as vqa_task
+from x2vlm.tokenizer import VOCAB_FILE_NAME, WordPieceTokenizer
+
+INFERENCE_FILE = "inference.json"
+ANSWER_LIST_FILE = "answer_list.json"
+ANS2LABEL_FILE = "ans2label.json"
+DEFAULT_BATCH_SIZE = 64
+INDEX_FORMAT = "x2vlm-gallery-index"
+INDEX_VERSION = 1
+INDEX_JSON, INDEX_TENSORS = "index.json", "index.safetensors"
+INDEX_KINDS = ("images", "videos", "texts")
+DTYPES = {None: "fp32", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+IMAGE_TYPES = "a PIL image, a path, image-file bytes or a uint8 (H, W, 3) numpy array"
+VIDEO_TYPES = "a video file path, a list of frames (PIL images or uint8 arrays) or a uint8 (F, H, W, 3) array"
+
+
+class TaskMismatchError(ValueError):
+    """The loaded model lacks the head (the task) a method needs."""
+
+
+# -- device and dtype ---------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; ``ValueError`` for anything else."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps' ({err})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}"
+                             f"{'' if torch.backends.cuda.is_built() else ', a build without CUDA'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but there are {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS is not available")
+        return dev
+    raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"`` (autocast) from None, ``"fp32"``/``"float32"``, ``"bf16"``/``"bfloat16"``
+    or the torch dtypes; ``ValueError`` for others and for bf16 where autocast cannot run it."""
+    if isinstance(dtype, torch.dtype):
+        key = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    else:
+        key = DTYPES.get(dtype) if dtype is None or isinstance(dtype, str) else None
+    if key is None:
+        raise ValueError(f"unsupported dtype {dtype!r}: use None or 'fp32' (float32) or 'bf16' (bfloat16 autocast)")
+    if key == "bf16":
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"dtype 'bf16' runs as bfloat16 autocast on 'cpu' or 'cuda', not on {device.type!r}")
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"dtype 'bf16' requested but {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return key
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+def _is_image(value: Any) -> bool:
+    return isinstance(value, (Image.Image, str, os.PathLike, bytes, bytearray)) or (
+        isinstance(value, np.ndarray) and value.ndim in (2, 3))
+
+
+def _is_frame(value: Any) -> bool:
+    return isinstance(value, (Image.Image, bytes, bytearray)) or (isinstance(value, np.ndarray) and value.ndim in (2, 3))
+
+
+def read_image(image: Any) -> Image.Image:
+    """An RGB PIL image from any accepted image input (see the module documentation)."""
+    if isinstance(image, Image.Image):
+        return as_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, is_path=True)  # FileNotFoundError / ValueError naming the path
+    if isinstance(image, (bytes, bytearray)):
+        return load_image(bytes(image), source="the given image bytes")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"a numpy image must be uint8 (H, W, 3), got dtype {image.dtype}")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ValueError(f"a numpy image must be (H, W, 3) (or (H, W) grey, (H, W, 4) RGBA), got shape {image.shape}")
+        return as_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    raise TypeError(f"an image must be {IMAGE_TYPES}, got {type(image).__name__}")
+
+
+def read_video(video: Any, frame_len: int) -> list[Image.Image]:
+    """The ``frame_len`` frames of a video that the evaluation sees: a file through ``read_clip``,
+    a frame list (or (F, H, W, 3) array) through the same ``sample_frame_indices``."""
+    if isinstance(video, (str, os.PathLike)):
+        return read_clip(video, frame_len)  # errors name the file
+    if isinstance(video, np.ndarray) and video.ndim == 4:
+        frames = list(video)
+    elif isinstance(video, (list, tuple)):
+        frames = list(video)
+    else:
+        raise TypeError(f"a video must be {VIDEO_TYPES}, got {type(video).__name__}")
+    if not frames:
+        raise ValueError("a video needs at least one frame, got an empty frame list")
+    return [read_image(frames[i]) for i in sample_frame_indices(len(frames), frame_len, training=False)]
+
+
+def _image_batch(images: Any, what: str = "image") -> tuple[list, bool]:
+    if _is_image(images):
+        return [images], True
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), False
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError(f"no {what} given (an empty list)")
+        return list(images), False
+    raise TypeError(f"{what}: expected {IMAGE_TYPES}, or a list of them; got {type(images).__name__}")
+
+
+def _video_batch(videos: Any) -> tuple[list, bool]:
+    if isinstance(videos, (str, os.PathLike)) or (isinstance(videos, np.ndarray) and videos.ndim == 4):
+        return [videos], True
+    if isinstance(videos, (list, tuple)):
+        if not videos:
+            raise ValueError("no video given (an empty list)")
+        if _is_frame(videos[0]):
+            return [list(videos)], True
+        return list(videos), False
+    raise TypeError(f"video: expected {VIDEO_TYPES}, or a list of them; got {type(videos).__name__}")
+
+
+def _text_batch(texts: Any, what: str = "text") -> tuple[list[str], bool]:
+    if isinstance(texts, str):
+        return [texts], True
+    if isinstance(texts, (list, tuple)):
+        if not texts:
+            raise ValueError(f"no {what} given (an empty list)")
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is None:
+            return list(texts), False
+        raise TypeError(f"{what}: expected strings, got a {type(bad).__name__} in the list")
+    raise TypeError(f"{what}: expected a string or a list of strings, got {type(texts).__name__}")
+
+
+def _broadcast(num_items: int, single_item: bool, texts: list[str], single_text: bool, what: str) -> list[int]:
+    """Item index of each text: one item for every text, one text for every item, or pairs."""
+    if single_item:
+        return [0] * len(texts)
+    if single_text:
+        texts *= num_items  # in place: the caller's list now has one text per item
+        return list(range(num_items))
+    if num_items != len(texts):
+        raise ValueError(f"{num_items} {what}s but {len(texts)} texts: give one of each, one of either, or equally many")
+    return list(range(num_items))
+
+
+def _clean_captions(texts: Sequence[str], max_words: int, what: str) -> list[str]:
+    cleaned = []
+    for k, text in enumerate(texts):
+        try:
+            cleaned.append(pre_caption(text, max_words))
+        except ValueError:
+            raise ValueError(f"{what} {k} ({text!r}) has no words left after cleaning") from None
+    return cleaned
+
+
+@dataclass
+class _Inputs:
+    """User inputs as a ``retrieval.VisionSource``: test-transformed when loaded (``frame_len`` > 0: videos)."""
+
+    items: list
+    res: int
+    frame_len: int = 0
+    dtype: torch.dtype = torch.float32  # the model's parameters'
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, indices: Sequence[int]) -> torch.Tensor:
+        transform = EvalTransform(self.res)
+        if self.frame_len:
+            pixels = torch.stack([transform.clip(read_video(self.items[i], self.frame_len)) for i in indices])
+        else:
+            pixels = torch.stack([transform(read_image(self.items[i])) for i in indices])
+        return pixels.to(self.dtype)
+
+
+# -- results --------------------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    """The best answer, its probability and the ``top_k`` best (answer, probability), best first."""
+
+    answer: str
+    probability: float
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "probability": self.probability,
+                "top": [{"answer": a, "probability": p} for a, p in self.top]}
+
+
+@dataclass
+class Hit:
+    """One retrieved gallery item: its position in the gallery, its id, the ITC similarity and the
+    ITM match logit (None beyond the ``k_test`` re-ranked candidates)."""
+
+    index: int
+    id: Any
+    itc: float
+    itm: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- gallery index --------------------------------------------------------------------------------------
+@dataclass
+class GalleryIndex:
+    """Embedded gallery items for ``Model.retrieve``: ITC features and ids, plus what the ITM
+    re-ranking needs: the items' sources (image / video paths, or the texts) from which the
+    candidates are encoded again, and/or the vision embeddings themselves (``vision_embeds``, kept
+    when asked or when an item is not a file). ``fingerprint`` identifies the model that built it.
+
+    ``save(dir)`` writes ``index.json`` (kind, ids, sources, settings) and ``index.safetensors``
+    (``features`` and, if kept, ``vision_embeds``/``vision_mask``); ``GalleryIndex.load(dir)`` reads
+    them back."""
+
+    kind: str  # images | videos | texts
+    ids: list
+    features: torch.Tensor  # (N, E) float32, L2-normalised
+    sources: list[str | None]
+    fingerprint: str
+    max_tokens: int
+    frame_len: int = 0
+    vision_embeds: torch.Tensor | None = None  # (N, 1+P, D) float32
+    vision_mask: torch.Tensor | None = None  # (N, 1+P)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def save(self, path: str | Path) -> Path:
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": self.features.contiguous().cpu()}
+        if self.vision_embeds is not None:
+            tensors["vision_embeds"] = self.vision_embeds.contiguous().cpu()
+            tensors["vision_mask"] = self.vision_mask.contiguous().cpu()
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": self.kind, "fingerprint": self.fingerprint,
+                "max_tokens": self.max_tokens, "frame_len": self.frame_len, "ids": self.ids, "sources": self.sources}
+        _atomic_write(directory / INDEX_TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(directory / INDEX_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> GalleryIndex:
+        directory = Path(path)
+        if not (directory / INDEX_JSON).is_file() or not (directory / INDEX_TENSORS).is_file():
+            raise FileNotFoundError(f"{directory}: not a gallery index (needs {INDEX_JSON} and {INDEX_TENSORS})")
+        try:
+            meta = json.loads((directory / INDEX_JSON).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / INDEX_JSON}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+            raise ValueError(f"{directory / INDEX_JSON}: not a version-{INDEX_VERSION} {INDEX_FORMAT} file")
+        tensors = load_file(str(directory / INDEX_TENSORS))
+        index = cls(meta["kind"], meta["ids"], tensors["features"], meta["sources"], meta["fingerprint"], meta["max_tokens"],
+                    meta["frame_len"], tensors.get("vision_embeds"), tensors.get("vision_mask"))
+        index.check(str(directory))
+        return index
+
+    def check(self, where: str = "gallery index") -> None:
+        """Consistency of kind, sizes and sources (what ``load`` checks)."""
+        n = len(self.ids)
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"{where}: kind {self.kind!r} is not one of {INDEX_KINDS}")
+        if self.features.dim() != 2 or self.features.shape[0] != n or len(self.sources) != n:
+            raise ValueError(f"{where}: {n} ids, features {tuple(self.features.shape)}, {len(self.sources)} sources")
+        if self.vision_embeds is not None and (self.vision_embeds.shape[0] != n or self.vision_mask is None):
+            raise ValueError(f"{where}: vision_embeds {tuple(self.vision_embeds.shape)} for {n} items")
+        if self.vision_embeds is None and any(s is None for s in self.sources):
+            raise ValueError(f"{where}: items without a source need stored vision embeddings")
+
+
+def model_fingerprint(model: X2VLM) -> str:
+    """A short hash of the contrastive projections and the input geometry: features of different
+    models (or resolutions) are not comparable."""
+    h = hashlib.sha256(json.dumps([model.cfg.image_res, model.cfg.embed_dim, model.cfg.frame_len]).encode())
+    for name in ("vision_proj", "text_proj"):
+        h.update(getattr(model, name).weight.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- the model handle -----------------------------------------------------------------------------------
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         batch_size: int = DEFAULT_BATCH_SIZE) -> Model:
+    """A model for inference from one of our model directories or a run directory (a fine-tuning
+    run's ``best/``, else its latest checkpoint). The tokenizer is the directory's ``vocab.txt``,
+    else the config's; ``device`` 'cpu', 'cuda[:N]' or 'mps'; ``dtype`` None/'fp32' or 'bf16'."""
+    path = Path(path)
+    if path.is_file() and path.name != "latest":
+        raise ValueError(f"{path} is a file; x2vlm.load reads a model directory (config.json + model.safetensors) or a "
+                         f"run directory. Convert an official checkpoint first: x2vlm convert {path} OUT_DIR --preset x2vlm-base")
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    dev = resolve_device(device)
+    precision = resolve_dtype(dtype, dev)
+    directory = resolve_trained_model_dir(path)
+    model = from_pretrained(directory).to(dev)
+    vocab = directory / VOCAB_FILE_NAME
+    tokenizer = WordPieceTokenizer(vocab) if vocab.exists() else WordPieceTokenizer.from_name_or_path(model.cfg.tokenizer)
+    return Model(model, tokenizer, directory, precision, batch_size)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+class Model:
+    """A trained X²-VLM with its tokenizer and the evaluation settings of its task.
+
+    ``directory`` (optional) is where ``inference.json``, ``answer_list.json`` and ``ans2label.json``
+    are looked for; ``settings`` (the content of ``inference.json``) overrides that file."""
+
+    def __init__(self, model: X2VLM, tokenizer: WordPieceTokenizer, directory: str | Path | None = None,
+                 dtype: str | torch.dtype | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 settings: dict[str, Any] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.directory = Path(directory) if directory is not None else None
+        self.device = next(model.parameters()).device
+        self._param_dtype = next(model.parameters()).dtype
+        self.dtype = resolve_dtype(dtype, self.device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        if settings is None and self.directory is not None and (self.directory / INFERENCE_FILE).is_file():
+            settings = _read_json(self.directory / INFERENCE_FILE)
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{self._where}: {INFERENCE_FILE} must hold a JSON object, got {type(settings).__name__}")
+        self.settings: dict[str, Any] = dict(settings or {})
+        self._answer_tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fingerprint: str | None = None
+
+    # -- basics ------------------------------------------------------------------------------------
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task
+
+    @property
+    def _where(self) -> str:
+        return str(self.directory) if self.directory is not None else "the model"
+
+    def __repr__(self) -> str:
+        return (f"Model({self._where}: task {self.task!r}, {self.cfg.name}, {self.cfg.image_res} px, "
+                f"{self.device}, {self.dtype})")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16" else nullcontext()
+
+    def _mismatch(self, method: str, needs: str) -> TaskMismatchError:
+        heads = ", ".join(self.cfg.heads)
+        return TaskMismatchError(f"{method} needs {needs}; {self._where} is a {self.task!r} model (heads: {heads})")
+
+    def _require_heads(self, method: str, heads: Sequence[str], needs: str) -> None:
+        if not set(heads) <= set(self.cfg.heads):
+            raise self._mismatch(method, needs)
+
+    def _require_video(self, method: str) -> None:
+        if self.cfg.frame_len <= 0:
+            raise TaskMismatchError(f"{method} needs a video model (frame_len > 0); {self._where} has frame_len "
+                                    f"{self.cfg.frame_len}")
+
+    def _saved(self, *keys: str) -> dict[str, Any]:
+        return {k: self.settings[k] for k in keys if k in self.settings}
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield range(start, min(start + self.batch_size, n))
+
+    def _pixels(self, items: list, indices: Sequence[int], frame_len: int = 0) -> torch.Tensor:
+        return _Inputs(items, self.cfg.image_res, frame_len, self._param_dtype).load(indices).to(self.device)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    # -- VQA / video QA ------------------------------------------------------------------------------
+    def answer(self, image, question, top_k: int = 1, answers: Sequence[str] | None = None,
+               k_test: int | None = None) -> Answer | list[Answer]:
+        """Answer questions about images (a VQA model) or videos (a video-QA model, task
+        'classification'): one image and several questions, several images and one question, or
+        pairs. VQA ranks the answer list exactly as the evaluation does (``answers``, else the
+        directory's ``answer_list.json``; the ``k_test`` answers with the most probable first token,
+        re-scored by their sequence likelihood); video QA takes the classifier's top labels
+        (``answers``: the label names in label order, else ``ans2label.json``)."""
+        if self.task == "vqa":
+            return self._answer_vqa(image, question, top_k, answers, k_test)
+        if self.task == "classification" and self.cfg.frame_len > 0:
+            return self._answer_video(image, question, top_k, answers)
+        raise self._mismatch("answer()", "a VQA model (task 'vqa') or a video-QA model (task 'classification')")
+
+    def vqa_settings(self, k_test: int | None = None) -> vqa_task.VQASettings:
+        """The VQA evaluation settings (saved ones, else the task's defaults)."""
+        settings = vqa_task.VQASettings(res=self.cfg.image_res, **self._saved("max_tokens", "k_test", "double_count_first_token"))
+        if k_test is not None:
+            settings = dataclasses.replace(settings, k_test=_positive(k_test, "k_test"))
+        return settings
+
+    def answer_list(self, answers: Sequence[str] | None = None) -> list[str]:
+        if answers is not None:
+            answers = list(answers)
+            if not answers or not all(isinstance(a, str) and a for a in answers):
+                raise ValueError("answers must be a non-empty list of non-empty strings")
+            return answers
+        path = self.directory / ANSWER_LIST_FILE if self.directory is not None else None
+        if path is None or not path.is_file():
+            raise ValueError(f"{self._where} has no {ANSWER_LIST_FILE} (fine-tuning writes it into best/); pass answers=[...]")
+        return read_answer_list(path)
+
+    def _answer_vqa(self, image, question, top_k, answers, k_test):
+        images, single_image = _image_batch(image)
+        questions, single_question = _text_batch(question, "question")
+        image_index = _broadcast(len(images), single_image, questions, single_question, "image")
+        answer_list = self.answer_list(answers)
+        settings = self.vqa_settings(k_test)
+        ranked = min(settings.k_test, len(answer_list))
+        _check_top_k(top_k, ranked, f"the {ranked} answers the evaluation re-ranks (k_test {settings.k_test}, "
+                                    f"{len(answer_list)} answers); pass k_test= to re-rank more")
+        key = tuple(answer_list)
+        if key not in self._answer_tokens:
+            ids, mask = self.tokenizer(answer_list)
+            self._answer_tokens = {key: (ids.to(self.device), mask.to(self.device))}
+        answer_ids, answer_mask = self._answer_tokens[key]
+        cleaned = [pre_question(q, vqa_task.EVAL_QUESTION_WORDS) for q in questions]
+        results = []
+        for rows in self._batches(len(cleaned)):
+            slots = list(dict.fromkeys(image_index[r] for r in rows))
+            pixels = self._pixels(images, slots)
+            which = torch.tensor([slots.index(image_index[r]) for r in rows], device=self.device)
+            q_ids, q_mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
+            q_ids, q_mask = q_ids.to(self.device), q_mask.to(self.device)
+            with torch.no_grad(), self._autocast():
+                states = vqa_task.encode_questions(self.model, pixels, q_ids, q_mask, which)
+                best, probs = rank_answers(self.model, states, q_mask, answer_ids, answer_mask, settings.k_test,
+                                           settings.double_count_first_token)
+            results.extend(_answers(answer_list, best[:, :top_k].cpu(), probs[:, :top_k].float().cpu()))
+        return results[0] if single_image and single_question else results
+
+    def _answer_video(self, video, question, top_k, answers):
+        videos, single_video = _video_batch(video)
+        questions, single_question = _text_batch(question, "question")
+        video_index = _broadcast(len(videos), single_video, questions, single_question, "video")
+        labels = self.label_names(answers)
+        _check_top_k(top_k, len(labels), f"the model's {len(labels)} answers")
+        settings = video_qa_task.VideoQASettings(self.cfg.image_res, self.cfg.frame_len, **self._saved("max_tokens"))
+        cleaned = [pre_question(q, video_qa_task.EVAL_QUESTION_WORDS) for q in questions]
+        results = []
+        for rows in self._batches(len(cleaned)):
+            slots = list(dict.fromkeys(video_index[r] for r in rows))
+            pixels = self._pixels(videos, slots, settings.frame_len)
+            which = torch.tensor([slots.index(video_index[r]) for r in rows], device=self.device)
+            ids, mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
+            with torch.no_grad(), self._autocast():
+                logits = video_qa_task.answer_logits(self.model, pixels, ids.to(self.device), mask.to(self.device), which)
+            probs, best = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+            results.extend(_answers(labels, best.cpu(), probs.cpu()))
+        return results[0] if single_video and single_question else results
+
+    def label_names(self, answers: Sequence[str] | None = None) -> list[str]:
+        """The video-QA answers in label order (``answers``, else the directory's ``ans2label.json``)."""
+        if answers is not None:
+            labels = list(answers)
+        else:
+            path = self.directory / ANS2LABEL_FILE if self.directory is not None else None
+            if path is None or not path.is_file():
+                raise ValueError(f"{self._where} has no {ANS2LABEL_FILE} (fine-tuning writes it into best/); pass "
+                                 "answers=[the answers in label order]")
+            labels = [a for a, _ in sorted(read_ans2label(path).items(), key=lambda pair: pair[1])]
+        if len(labels) != self.cfg.num_labels:
+            raise ValueError(f"{len(labels)} answer names for a classifier of {self.cfg.num_labels} labels")
+        return labels
+
+    # -- grounding -----------------------------------------------------------------------------------
+    def grounding_settings(self) -> grounding_task.GroundingSettings:
+        return grounding_task.GroundingSettings(res=self.cfg.image_res, **self._saved("max_tokens", "max_words"))
+
+    def ground(self, image, expression) -> list[float] | list[list[float]]:
+        """The box ``[x, y, w, h]`` (pixels of the given image, as the grounding evaluation maps its
+        predictions back) of the region each expression refers to."""
+        self._require_heads("ground()", ("bbox",), "a model with the box head (task 'grounding' or 'pretrain')")
+        images, single_image = _image_batch(image)
+        expressions, single_expression = _text_batch(expression, "expression")
+        image_index = _broadcast(len(images), single_image, expressions, single_expression, "image")
+        settings = self.grounding_settings()
+        cleaned = _clean_captions(expressions, settings.max_words, "expression")
+        transform = EvalTransform(settings.res)
+        boxes: list[list[float]] = []
+        for rows in self._batches(len(cleaned)):
+            slots = list(dict.fromkeys(image_index[r] for r in rows))
+            originals = [read_image(images[s]) for s in slots]
+            pixels = torch.stack([transform(img) for img in originals]).to(self.device, self._param_dtype)
+            which = [slots.index(image_index[r]) for r in rows]
+            ids, mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.no_grad(), self._autocast():
+                embeds, _ = self.model.encode_images(pixels)
+                pred = self.model.predict_boxes(embeds[torch.tensor(which, device=self.device)],
+                                                self.model.encode_text(ids, mask), mask)
+            sizes = np.array([originals[w].size for w in which], dtype=np.float64)
+            boxes.extend(grounding_task.box_to_original_pixels(pred.float(), sizes[:, 0], sizes[:, 1]).tolist())
+        return boxes[0] if single_image and single_expression else boxes
+
+    # -- captioning ----------------------------------------------------------------------------------
+    def caption_settings(self, settings: CaptionSettings | None = None, beams: int | None = None,
+                         max_length: int | None = None, min_length: int | None = None,
+                         greedy: bool | None = None) -> CaptionSettings:
+        """The decoding settings: ``settings``, else the saved ones, else the captioning task's
+        defaults; then the given overrides (``beams`` implies beam search unless ``greedy`` is given)."""
+        if settings is None:
+            saved = self.settings.get("generation")
+            settings = CaptionSettings(**saved) if saved else captioning_task.generation_settings({}, "captioning defaults")
+        changes: dict[str, Any] = {}
+        if beams is not None:
+            changes["num_beams"] = _positive(beams, "beams")
+            changes["greedy"] = False
+        if max_length is not None:
+            changes["max_new_tokens"] = _positive(max_length, "max_length")
+        if min_length is not None:
+            if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+                raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
+            changes["min_length"] = min_length
+        if greedy is not None:
+            changes["greedy"] = bool(greedy)
+        return dataclasses.replace(settings, **changes)
+
+    def caption(self, image, beams: int | None = None, max_length: int | None = None, min_length: int | None = None,
+                greedy: bool | None = None, settings: CaptionSettings | None = None, prompt: str | None = None) -> str | list[str]:
+        """Captions (a captioning model), decoded exactly as the captioning evaluation decodes:
+        ``generation.CaptionSettings`` from ``caption_settings(...)``, the prompt of the fine-tuning
+        (``prompt`` overrides it) removed from the text."""
+        if self.task != "captioning":
+            raise self._mismatch("caption()", "a captioning model (task 'captioning')")
+        images, single = _image_batch(image)
+        gen = self.caption_settings(settings, beams, max_length, min_length, greedy)
+        prompt_ids = self.prompt_ids(prompt)
+        captions: list[str] = []
+        for rows in self._batches(len(images)):
+            pixels = self._pixels(images, rows)
+            with torch.no_grad(), self._autocast():
+                captions.extend(captioning_task.generate_captions(self.model, pixels, prompt_ids, gen, self.tokenizer))
+        return captions[0] if single else captions
+
+    def prompt_ids(self, prompt: str | None = None) -> torch.Tensor:
+        """``[CLS]`` + the prompt's pieces (no ``[SEP]``), as the captioning task builds them."""
+        text = prompt if prompt is not None else self.settings.get("prompt", captioning_task.DEFAULT_PROMPT)
+        return torch.tensor(self.tokenizer.encode_one(text)[:-1])
+
+    # -- contrastive features, matching, retrieval ----------------------------------------------------
+    def retrieval_settings(self, k_test: int | None = None) -> tuple[int, int]:
+        """``(max_tokens, k_test)`` of the retrieval evaluation (saved, else the task's defaults)."""
+        max_tokens = self.settings.get("max_tokens", retrieval_task.DEFAULT_MAX_TOKENS)
+        if k_test is None:
+            k_test = self.settings.get("k_test", retrieval_task.DEFAULT_K_TEST)
+        elif isinstance(k_test, bool) or not isinstance(k_test, int) or k_test < 0:
+            raise ValueError(f"k_test must be an integer >= 0 (0: ITC only), got {k_test!r}")
+        return max_tokens, k_test
+
+    def _caption_tokens(self, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(_clean_captions(texts, max_tokens, "text"), max_length=max_tokens)
+
+    def _encode_vision(self, items: list, frame_len: int, keep_embeds: bool = True):
+        source = _Inputs(items, self.cfg.image_res, frame_len, self._param_dtype)
+        with torch.no_grad(), self._autocast():
+            return retrieval_task.encode_vision_range(self.model, source, range(len(source)), self.batch_size, keep_embeds)
+
+    def _encode_texts(self, ids: torch.Tensor, mask: torch.Tensor):
+        with torch.no_grad(), self._autocast():
+            return retrieval_task.encode_text_range(self.model, ids, mask, range(len(ids)), self.batch_size)
+
+    def _itm(self, embeds, vision_mask, states, text_mask, image_idx, text_idx) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return retrieval_task.cached_itm_scores(self.model, embeds, vision_mask, states, text_mask.to(self.device),
+                                                    image_idx.to(self.device), text_idx.to(self.device),
+                                                    retrieval_task.DEFAULT_RERANK_BATCH).float().cpu()
+
+    def embed_images(self, images) -> np.ndarray:
+        """L2-normalised ITC features of images: (N, embed_dim), or (embed_dim,) for one image."""
+        self._require_heads("embed_images()", ("itc",), "a model with the ITC head (task 'retrieval' or 'pretrain')")
+        items, single = _image_batch(images)
+        features, _, _ = self._encode_vision(items, 0, keep_embeds=False)
+        return _numpy(features, single)
+
+    def embed_videos(self, videos) -> np.ndarray:
+        """L2-normalised ITC features of videos (frames at the evaluation positions, averaged)."""
+        self._require_heads("embed_videos()", ("itc",), "a model with the ITC head (task 'retrieval' or 'pretrain')")
+        self._require_video("embed_videos()")
+        items, single = _video_batch(videos)
+        features, _, _ = self._encode_vision(items, self.cfg.frame_len, keep_embeds=False)
+        return _numpy(features, single)
+
+    def embed_texts(self, texts) -> np.ndarray:
+        """L2-normalised ITC features of texts (cleaned and cut as the retrieval evaluation does)."""
+        self._require_heads("embed_texts()", ("itc",), "a model with the ITC head (task 'retrieval' or 'pretrain')")
+        items, single = _text_batch(texts)
+        ids, mask = self._caption_tokens(items, self.retrieval_settings()[0])
+        _, features = self._encode_texts(ids, mask)
+        return _numpy(features, single)
+
+    def match(self, images, texts, pairs: bool = False, video: bool = False) -> dict[str, Any]:
+        """ITM and ITC scores of images (videos with ``video=True``) and texts, as the retrieval
+        evaluation computes them: ``{"itm": ..., "itc": ...}``. By default every image with every
+        text: arrays (I, T), a dimension dropped for a single image or text, floats for one of each.
+        ``pairs=True``: image k with text k (or one with each of the others), arrays (N,)."""
+        self._require_heads("match()", ("itc", "itm"), "a model with ITC and ITM heads (task 'retrieval' or 'pretrain')")
+        if video:
+            self._require_video("match(video=True)")
+            items, single_item = _video_batch(images)
+        else:
+            items, single_item = _image_batch(images)
+        text_list, single_text = _text_batch(texts)
+        if pairs:
+            item_index = _broadcast(len(items), single_item, text_list, single_text, "video" if video else "image")
+        ids, mask = self._caption_tokens(text_list, self.retrieval_settings()[0])
+        features, embeds, vision_mask = self._encode_vision(items, self.cfg.frame_len if video else 0)
+        states, text_features = self._encode_texts(ids, mask)
+        itc = (features.float() @ text_features.float().t()).cpu()  # (I, T), the evaluation's orientation
+        if pairs:
+            image_idx, text_idx = torch.tensor(item_index), torch.arange(len(text_list))
+            itc = itc[image_idx, text_idx]
+        else:
+            image_idx = torch.arange(len(items)).repeat_interleave(len(text_list))
+            text_idx = torch.arange(len(text_list)).repeat(len(items))
+        itm = self._itm(embeds, vision_mask, states, mask, image_idx, text_idx).view(itc.shape)
+        if not pairs:
+            if single_item:
+                itm, itc = itm[0], itc[0]
+            if single_text:
+                itm, itc = itm[..., 0], itc[..., 0]
+        elif single_item and single_text:
+            itm, itc = itm[0], itc[0]
+        return {"itm": _scalar_or_numpy(itm), "itc": _scalar_or_numpy(itc)}
+
+    def index(self, items, kind: str, ids: Sequence | None = None, keep_embeddings: bool | None = None) -> GalleryIndex:
+        """Embed a gallery once: ``kind`` 'images', 'videos' or 'texts'; ``ids`` (JSON strings or
+        integers, unique; default 0..N-1). For images and videos the ITM re-ranking needs their
+        embeddings: kept in the index with ``keep_embeddings=True`` (fast queries, about
+        ``(1 + grid^2) x width x 4`` bytes per item), else encoded again for the candidates of each
+        query from the stored paths (the default when every item is a file path)."""
+        self._require_heads("index()", ("itc", "itm"), "a model with ITC and ITM heads (task 'retrieval' or 'pretrain')")
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
+        max_tokens = self.retrieval_settings()[0]
+        if kind == "texts":
+            texts, _ = _text_batch(items)
+            ids_, mask = self._caption_tokens(texts, max_tokens)
+            _, features = self._encode_texts(ids_, mask)
+            return GalleryIndex(kind, _gallery_ids(ids, len(texts)), features.float().cpu(), texts, self.fingerprint, max_tokens)
+        frame_len = 0
+        if kind == "videos":
+            self._require_video("index(kind='videos')")
+            frame_len = self.cfg.frame_len
+            gallery, _ = _video_batch(items)
+        else:
+            gallery, _ = _image_batch(items)
+        sources = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else None for x in gallery]
+        if keep_embeddings is None:
+            keep_embeddings = any(s is None for s in sources)
+        elif not keep_embeddings and any(s is None for s in sources):
+            raise ValueError("keep_embeddings=False needs every item to be a file path: in-memory images and frame "
+                             "lists cannot be read again for re-ranking")
+        gallery_ids = _gallery_ids(ids, len(gallery))
+        features, embeds, masks = self._encode_vision(gallery, frame_len, keep_embeds=keep_embeddings)
+        return GalleryIndex(kind, gallery_ids, features.float().cpu(), sources, self.fingerprint, max_tokens, frame_len,
+                            embeds.float().cpu() if keep_embeddings else None, masks.cpu() if keep_embeddings else None)
+
+    def retrieve(self, query, gallery, k: int = 10, k_test: int | None = None, kind: str | None = None
+                 ) -> list[Hit] | list[list[Hit]]:
+        """The ``k`` best gallery items for each query: texts against an image or video gallery, or
+        images against a text gallery. ``gallery`` is a ``GalleryIndex`` or a list of items (embedded
+        on the fly as ``kind``: by default 'images' for a text query, 'texts' otherwise). The
+        evaluation's two stages: the ``k_test`` items most similar by ITC are re-scored by the ITM
+        match logit and ranked by it (``k_test`` 0: ITC only); if ``k`` > ``k_test`` the rest follow
+        in ITC order (``itm`` None)."""
+        self._require_heads("retrieve()", ("itc", "itm"), "a model with ITC and ITM heads (task 'retrieval' or 'pretrain')")
+        if isinstance(gallery, GalleryIndex):
+            index = gallery
+            if kind is not None and kind != index.kind:
+                raise ValueError(f"kind {kind!r} given for a gallery index of {index.kind}")
+        else:
+            text_query = isinstance(query, str) or (isinstance(query, (list, tuple)) and query and all(isinstance(q, str) for q in query))
+            index = self.index(gallery, kind or ("images" if text_query else "texts"))
+        if index.fingerprint != self.fingerprint:
+            raise ValueError(f"the gallery index was built by another model (fingerprint {index.fingerprint}, this model "
+                             f"{self.fingerprint}); build it again with this model")
+        k = _positive(k, "k")
+        _, k_test = self.retrieval_settings(k_test)
+        if index.kind == "texts":
+            images, single = _image_batch(query, "image query")
+            query_features, embeds, vision_mask = self._encode_vision(images, 0)
+            sims = (query_features.float() @ index.features.to(self.device).t()).cpu()  # (Q, N) as image -> text
+        else:
+            texts, single = _text_batch(query, "text query")
+            ids, mask = self._caption_tokens(texts, index.max_tokens)
+            states, query_features = self._encode_texts(ids, mask)
+            sims = (index.features.to(self.device) @ query_features.float().t()).t().cpu()  # (Q, N) as text -> image
+        ranked = min(k_test, len(index))
+        scores = torch.empty(len(sims), 0)
+        candidates = torch.empty(len(sims), 0, dtype=torch.long)
+        if ranked:
+            candidates = sims.topk(ranked, dim=1).indices
+            used, rows = torch.unique(candidates.flatten(), return_inverse=True)
+            per_query = torch.arange(len(sims)).repeat_interleave(ranked)
+            if index.kind == "texts":
+                cand_ids, cand_mask = self._caption_tokens([index.sources[i] for i in used.tolist()], index.max_tokens)
+                cand_states, _ = self._encode_texts(cand_ids, cand_mask)
+                scores = self._itm(embeds, vision_mask, cand_states, cand_mask, per_query, rows)
+            else:
+                cand_embeds, cand_mask = self._candidate_embeds(index, used)
+                scores = self._itm(cand_embeds, cand_mask, states, mask, rows, per_query)
+            scores = scores.view(len(sims), ranked)
+        hits = [_rank(sims[q], candidates[q], scores[q], k, index.ids) for q in range(len(sims))]
+        return hits[0] if single else hits
+
+    def _candidate_embeds(self, index: GalleryIndex, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if index.vision_embeds is not None:
+            return index.vision_embeds[used].to(self.device), index.vision_mask[used].to(self.device)
+        _, embeds, masks = self._encode_vision([index.sources[i] for i in used.tolist()], index.frame_len)
+        return embeds, masks
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_top_k(top_k: Any, limit: int, what: str) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limit:
+        raise ValueError(f"top_k must be an integer from 1 to {limit} ({what}), got {top_k!r}")
+
+
+def _answers(names: list[str], best: torch.Tensor, probs: torch.Tensor) -> list[Answer]:
+    out = []
+    for row_ids, row_probs in zip(best.tolist(), probs.tolist()):
+        top = [(names[i], float(p)) for i, p in zip(row_ids, row_probs)]
+        out.append(Answer(top[0][0], top[0][1], top))
+    return out
+
+
+def _numpy(features: torch.Tensor, single: bool) -> np.ndarray:
+    array = features.float().cpu().numpy()
+    return array[0] if single else array
+
+
+def _scalar_or_numpy(values: torch.Tensor):
+    return float(values) if values.dim() == 0 else values.numpy()
+
+
+def _gallery_ids(ids: Sequence | None, n: int) -> list:
+    if ids is None:
+        return list(range(n))
+    ids = list(ids)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} gallery items")
+    bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (str, int))), None)
+    if bad is not None:
+        raise TypeError(f"gallery ids must be strings or integers (they are saved as JSON), got {bad!r}")
+    if len(set(ids)) != n:
+        raise ValueError("gallery ids must be unique")
+    return ids
+
+
+def _rank(sims: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor, k: int, ids: list) -> list[Hit]:
+    """The evaluation's ranking of one query: candidates by ITM (every other item scores
+    ``NOT_A_CANDIDATE``), then, beyond them, the other items in ITC order."""
+    row = torch.full_like(sims, retrieval_task.NOT_A_CANDIDATE)
+    row[candidates] = scores
+    top = row.topk(min(k, len(candidates))).indices.tolist() if len(candidates) else []
+    itm = dict(zip(candidates.tolist(), scores.tolist()))
+    hits = [Hit(i, ids[i], float(sims[i]), float(itm[i])) for i in top]
+    if k > len(hits):
+        taken = set(top)
+        order = torch.argsort(sims, descending=True, stable=True).tolist()
+        hits.extend(Hit(i, ids[i], float(sims[i]), None) for i in order if i not in taken)
+        hits = hits[: min(k, len(sims))]
+    return hits
