@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics json here")
     p.set_defaults(func=cmd_evaluate_retrieval)
 
+    from x2vlm.predict_cli import add_predict_command
+
+    add_predict_command(sub)
+
     from x2vlm.world import add_world_commands
 
     add_world_commands(sub)
