@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -869,6 +870,6 @@ def _rank(sims: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor, k:
     if k > len(hits):
         taken = set(top)
         order = torch.argsort(sims, descending=True, stable=True).tolist()
-        hits.extend(Hit(i, ids[i], float(sims[i]), None) for i in order if i not in taken)
-        hits = hits[: min(k, len(sims))]
+        rest = (i for i in order if i not in taken)  # only the first ones become Hits (a gallery may hold 100k)
+        hits.extend(Hit(i, ids[i], float(sims[i]), None) for i in itertools.islice(rest, k - len(hits)))
     return hits
