@@ -294,6 +294,19 @@ def test_finetuning_loop_runs_the_task(world, tmp_path):
     assert len(summary["pictures"]) == V.DRAWN_ITEMS
     assert all(Path(p).name[: -len("_00000.png")] == "vqa_test" for p in summary["pictures"])  # test is drawn, not the extra
 
+    # the trained run, loaded for inference, answers the test questions as the evaluation did
+    import x2vlm
+
+    predicted = {r["question_id"]: r["answer"] for r in json.loads((run / "vqa_test_result.json").read_text())}
+    questions = read_vqa_json(world / "vqa/vqa_test.json")
+    images = [str(world / "images" / q.image) for q in questions]
+    texts = [q.question for q in questions]
+    answers = x2vlm.load(run).answer(images, texts)
+    assert [a.answer for a in answers] == [predicted[q.question_id] for q in questions]
+    bf16 = x2vlm.load(run, dtype="bf16").answer(images, texts)
+    agree = sum(a.answer == b.answer for a, b in zip(answers, bf16)) / len(answers)
+    assert agree >= 0.9, f"bf16 and fp32 agree on {agree:.0%} of the test answers"
+
 
 def test_eval_subset_keeps_evenly_spaced_questions(world, model, tokenizer, tmp_path):
     task = V.build_task(world_data(world, eval_subset=5), preset("x2vlm-tiny"), tokenizer, "test")
