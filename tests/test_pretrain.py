@@ -233,3 +233,38 @@ def test_text_tower_stays_fixed_while_frozen_and_trains_after(tmp_path, data_dir
     assert any(not torch.equal(first[n], last[n]) for n in tower), "text tower never trained after the frozen steps"
     fusion = f"text_encoder.encoder.layer.{start.num_text_layers}.crossattention.self.query.weight"
     assert not torch.equal(first[fusion], init[fusion]), "fusion layers must train while the tower is frozen"
+
+
+def test_same_caption_matches_makes_identical_captions_positives_and_never_negatives(monkeypatch):
+    """With ``same_caption_matches`` two rows with the same caption are one text: ITC gets their ids
+    (the id-aware loss: positives of each other), ITM never draws one as the other's negative."""
+    from x2vlm import objectives as O
+    from x2vlm.config import preset
+    from x2vlm.data.pretrain import ImageTextBatch
+    from x2vlm.models.x2vlm import X2VLM
+
+    texts = torch.tensor([[2, 7, 8, 3, 0], [2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 7, 8, 9, 3], [2, 9, 3, 0, 0]])
+    ids = O.caption_ids(texts)
+    assert ids[0] == ids[1] and ids[2] == ids[4] and len({ids[0].item(), ids[2].item(), ids[3].item()}) == 3
+    assert torch.equal(O.caption_ids(texts[[3, 1]]), ids[[3, 1]])  # a row's id does not depend on its batch
+
+    seen = {"itc": [], "itm": []}
+    real_itc, real_neg = O.contrastive_loss, O.sample_hard_negatives
+    monkeypatch.setattr(O, "contrastive_loss", lambda *a, ids=None, **k: seen["itc"].append(ids) or real_itc(*a, ids=ids, **k))
+    monkeypatch.setattr(O, "sample_hard_negatives", lambda *a, ids=None, **k: seen["itm"].append(ids) or real_neg(*a, ids=ids, **k))
+    torch.manual_seed(0)
+    model = X2VLM(preset("x2vlm-tiny", task="pretrain")).eval()
+    mask = texts.ne(0).long()
+    batch = ImageTextBatch(images=torch.randn(5, 3, 64, 64), text_ids=texts, text_mask=mask, masked_ids=texts.clone(),
+                           masked_pos=torch.tensor([[1]] * 5), masked_targets=torch.tensor([[7], [7], [9], [7], [9]]),
+                           sources=[f"x:{i}" for i in range(5)])
+    with torch.no_grad():
+        vision, vmask = model.encode_images(batch.images)
+        P.aligning_losses(model, vision, vmask, batch, torch.Generator().manual_seed(0), True, same_caption_matches=True)
+        P.aligning_losses(model, vision, vmask, batch, torch.Generator().manual_seed(0), True)
+        assert torch.equal(seen["itc"][0], ids) and torch.equal(seen["itm"][0], ids)
+        assert seen["itc"][1] is None and seen["itm"][1] is None  # off: every other pair is a negative (official)
+        vfeat, tfeat = model.vision_features(vision), model.text_features(model.encode_text(texts, mask))
+        for seed in range(20):
+            image_neg, text_neg = real_neg(vfeat, tfeat, model.temp, ids=ids, generator=torch.Generator().manual_seed(seed))
+            assert not ids[image_neg].eq(ids).any() and not ids[text_neg].eq(ids).any()

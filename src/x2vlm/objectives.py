@@ -91,6 +91,16 @@ def contrastive_loss(
 
 
 @torch.no_grad()
+def caption_ids(text_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 ids equal exactly for identical token rows, the same on every rank (a polynomial
+    hash of the ids, wrapping in int64), so that identical captions can count as one text in
+    ``contrastive_loss`` and ``sample_hard_negatives``."""
+    powers = torch.full((text_ids.shape[1],), 1_000_003, dtype=torch.int64, device=text_ids.device)
+    powers = torch.cumprod(powers, dim=0)  # wraps around in int64: still a fixed function of position
+    return (text_ids.to(torch.int64) * powers).sum(dim=1)
+
+
+@torch.no_grad()
 def sample_hard_negatives(
     vision_feat: torch.Tensor,
     text_feat: torch.Tensor,

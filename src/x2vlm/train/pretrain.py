@@ -62,6 +62,11 @@ class PretrainConfig:
     # collapses its contrastive features before the vision side has learned anything (see the
     # small-world config). 0: never frozen.
     text_tower_frozen_steps: int = 0
+    # Pairs whose captions are identical count as matches: ITC positives, never ITM negatives (the
+    # official code treats every other pair of the batch as a negative). For data where many images
+    # share a caption (the generated world: 43% of its image-caption pairs share their exact caption
+    # with another image), where hard negatives would otherwise often be true matches.
+    same_caption_matches: bool = False
     parallel: str = "ddp"  # ddp | fsdp
     tensorboard: bool = True
 
@@ -174,14 +179,19 @@ def aligning_losses(
     generator: torch.Generator,
     compute_itm: bool,
     valid: torch.Tensor | None = None,
+    same_caption_matches: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """ITC + ITM (hard negatives) + MLM for one grain (image, region or video) and its texts."""
+    """ITC + ITM (hard negatives) + MLM for one grain (image, region or video) and its texts; with
+    ``same_caption_matches`` the pairs whose captions are identical count as matches (ITC positives,
+    never ITM negatives)."""
     text = model.encode_text(batch.text_ids, batch.text_mask)
     vision_feat, text_feat = model.vision_features(vision), model.text_features(text)
-    losses = {"itc": O.contrastive_loss(vision_feat, text_feat, model.temp, valid=valid)}
+    ids = O.caption_ids(batch.text_ids) if same_caption_matches else None
+    losses = {"itc": O.contrastive_loss(vision_feat, text_feat, model.temp, ids=ids, valid=valid)}
     rows = torch.arange(vision.shape[0]) if valid is None else valid.nonzero().flatten()
     if compute_itm and len(rows) > 1:
-        image_neg, text_neg = O.sample_hard_negatives(vision_feat[rows], text_feat[rows], model.temp, generator=generator)
+        image_neg, text_neg = O.sample_hard_negatives(vision_feat[rows], text_feat[rows], model.temp,
+                                                      ids=None if ids is None else ids[rows], generator=generator)
         logits = O.matching_logits(model, vision[rows], vision_mask[rows], text[rows], batch.text_mask[rows], image_neg, text_neg)
         losses["itm"] = O.matching_loss(logits)
     else:
@@ -192,21 +202,23 @@ def aligning_losses(
     return losses
 
 
-def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool) -> dict[str, torch.Tensor]:
+def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool,
+                same_caption_matches: bool = False) -> dict[str, torch.Tensor]:
     """All losses of one step, named ``<grain>_<objective>``."""
+    same = same_caption_matches
     losses: dict[str, torch.Tensor] = {}
     if "images" in batches:
         b = batches["images"]
         vision, vmask = model.encode_images(b.images)
-        losses.update({f"image_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm).items()})
+        losses.update({f"image_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same).items()})
     if "videos" in batches:
         b = batches["videos"]
         vision, vmask = model.encode_videos(b.videos)
-        losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm).items()})
+        losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same).items()})
     if "regions" in batches:
         b = batches["regions"]
         region, region_mask, full = model.encode_regions(b.images, b.image_index, b.region_mask)
-        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid)
+        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid, same_caption_matches=same)
         losses.update({f"region_{k}": v for k, v in grain.items()})
         text = model.encode_text(b.text_ids, b.text_mask)
         boxes = model.predict_boxes(full, text, b.text_mask)
@@ -229,13 +241,14 @@ class PretrainObjective(torch.nn.Module):
     """The model plus its pre-training losses behind one ``forward``, which is what DDP and FSDP
     wrap (their gradient hooks are set up by the wrapper's forward call)."""
 
-    def __init__(self, model: X2VLM, sources: dict[str, SourceConfig]):
+    def __init__(self, model: X2VLM, sources: dict[str, SourceConfig], same_caption_matches: bool = False):
         super().__init__()
         self.model = model
         self.sources = sources
+        self.same_caption_matches = same_caption_matches
 
     def forward(self, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool):
-        losses = step_losses(self.model, batches, generator, compute_itm)
+        losses = step_losses(self.model, batches, generator, compute_itm, self.same_caption_matches)
         return weighted_total(losses, self.sources), losses
 
 
@@ -284,7 +297,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         start_step, data_states, rng = state["step"], state["data"], state["rng"]
         log.info("resuming from %s at step %d", resume_dir, start_step)
     # Shard/wrap first: FSDP replaces the parameters, so the optimizer is built on the result.
-    objective = wrap_parallel(PretrainObjective(model, cfg.sources), cfg, dist_info)
+    objective = wrap_parallel(PretrainObjective(model, cfg.sources, cfg.same_caption_matches), cfg, dist_info)
     optimizer = build_optimizer(model, cfg.optimizer, new_params)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.schedule)
     if state is not None:
