@@ -56,6 +56,9 @@ def main() -> None:
         torch.distributed.all_reduce(v)
     dist_losses = {k: float(v) / info.world_size for k, v in dist_losses.items()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # every rank done with collectives before any tears its group down (a rank leaving early while
+    # the other's gloo threads still talk to it aborted once under load: "terminate called ...")
+    torch.distributed.barrier()
     if info.rank == 0:
         # reference: one process, the whole batch; ITM per half with the same draws (ITM is local)
         ref = make_model()
