@@ -278,7 +278,8 @@ def encode_vision_range(model: X2VLM, vision: VisionSource, items: range, batch_
     """ITC features (n, E) of ``vision[items]`` and, if ``keep_embeds``, their embeddings and masks."""
     device = model_device(model)
     feats, embeds, masks = [], [], []
-    for start in tqdm(range(items.start, items.stop, batch_size), desc="encode vision", leave=False):
+    batches = range(items.start, items.stop, batch_size)
+    for start in tqdm(batches, desc="encode vision", leave=False, disable=len(batches) <= 1):  # no bar for one batch
         pixels = vision.load(range(start, min(start + batch_size, items.stop))).to(device)
         emb, mask = model.encode_vision(pixels)
         feats.append(model.vision_features(emb).float())
@@ -312,7 +313,8 @@ def encode_text_range(model: X2VLM, text_ids: torch.Tensor, text_mask: torch.Ten
     rows = torch.arange(items.start, items.stop)
     order = rows[torch.argsort(text_mask[rows].sum(dim=1), stable=True)]
     states, feats = [], []
-    for start in tqdm(range(0, len(order), batch_size), desc="encode texts", leave=False):
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="encode texts", leave=False, disable=len(batches) <= 1):
         batch = order[start : start + batch_size]
         width = _used_width(text_mask[batch])
         s = model.encode_text(text_ids[batch, :width].to(device), text_mask[batch, :width].to(device))
