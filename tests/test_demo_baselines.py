@@ -3,7 +3,6 @@ task, the random-ranking recalls against the retrieval task's own ranking code, 
 through the tasks' own ``evaluate`` (NLVR2, grounding), and every task on the tiny world."""
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -243,7 +242,6 @@ def test_grounding_mean_box_and_inclusive_iou(tmp_path):
 
 
 # -- captioning -------------------------------------------------------------------------------------
-@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs java")
 def test_captioning_majority_caption_scores(tmp_path):
     train = [{"image": "img_1.jpg", "caption": "A big red circle, here.", "image_id": 1},
              {"image": "img_2.jpg", "caption": "One small blue square there.", "image_id": 2},
@@ -344,7 +342,6 @@ WORLD_TASKS = (
 )
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="captioning scores need java")
 def test_every_task_on_the_tiny_world(tiny_world, tmp_path):
     from x2vlm.tokenizer import WordPieceTokenizer
     from x2vlm.train.finetune import base_model_config, build_task
