@@ -12,6 +12,7 @@ Our format is a directory: ``config.json`` + ``model.safetensors`` (native names
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -572,3 +573,105 @@ def load_beit2_vision_encoder(model: X2VLM, path: str | Path, allow_unsafe_pickl
         raise CheckpointMismatchError(str(path), missing, unexpected, mis_shaped)
     model.load_state_dict(native, strict=False)
     return sorted(k for k in own if not k.startswith("vision_encoder."))
+
+
+# -- X²-VLM -> multilingual: an XLM-R/RoBERTa text encoder and a separate cross encoder ---------------
+_TEXT_LAYER_KEY = re.compile(r"^text_encoder\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def multilingual_config(cfg: X2VLMConfig, text_dir: str | Path) -> X2VLMConfig:
+    """The separate-cross-encoder config for an X²-VLM ``cfg`` whose text encoder is replaced by the
+    Hugging Face model in ``text_dir`` (spec §1.7): the text stack is that model's (no
+    cross-attention), the ``num_layers - fusion_start`` fusion layers become the cross encoder, and
+    the tokenizer is the directory's.
+
+    The cross encoder takes its dimensions from the text config, so the new text model must have
+    the X²-VLM text width, head count and feed-forward size (as XLM-R-base/large have for
+    X²-VLM-base/large)."""
+    from x2vlm.models.hf_text import HF_CONFIG_NAME, read_hf_text_config
+
+    if cfg.cross_num_layers:
+        raise ValueError(f"config {cfg.name!r} already has a separate cross encoder (cross_num_layers={cfg.cross_num_layers})")
+    if "answer_decoder" in cfg.heads:
+        raise ValueError(f"task {cfg.task!r}: converting a model with an answer decoder is not supported; convert the pre-training checkpoint")
+    src = cfg.text
+    new = read_hf_text_config(text_dir)
+    where = Path(text_dir) / HF_CONFIG_NAME
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):
+        if getattr(new, ours) != getattr(src, ours):
+            raise ValueError(
+                f"{where}: field {theirs!r} is {getattr(new, ours)} but the X²-VLM model has text.{ours}={getattr(src, ours)} "
+                "(the fusion layers become the cross encoder and keep their shapes)"
+            )
+    if new.layer_norm_eps != src.layer_norm_eps:
+        log.warning(
+            "%s: layer_norm_eps %g differs from the X²-VLM fusion layers' %g; the cross encoder uses the text model's value",
+            where, new.layer_norm_eps, src.layer_norm_eps,
+        )
+    new.text_drop_path_rate = src.text_drop_path_rate
+    new.cross_drop_path_rate = src.cross_drop_path_rate
+    return cfg.replace(
+        name=f"{cfg.name}-multilingual",
+        text=dataclasses.asdict(new),
+        cross_num_layers=src.num_layers - src.fusion_start,
+        tokenizer=str(text_dir),
+    )
+
+
+def multilingual_state_dict(state: Mapping[str, torch.Tensor], cfg: X2VLMConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The official ``is_xvlm_ckpt`` + ``replace_text_encoder`` mapping (spec §2.5.4) of an X²-VLM
+    state dict (native or official names) with config ``cfg``.
+
+    Fusion layer ``n >= fusion_start`` becomes ``cross_encoder.encoder.layer.<n - fusion_start>``;
+    the old text layers and embeddings are dropped (the new text encoder comes from elsewhere); the
+    MLM transform stays at ``mlm_head.transform`` while its vocabulary bias (and tied decoder) is
+    dropped; vision encoder, projections and heads are kept. Returns (state, notes)."""
+    native, _ = official_to_native(state)
+    start = cfg.text.fusion_start
+    out: dict[str, torch.Tensor] = {}
+    dropped_text, dropped_other = 0, []
+    for key, value in native.items():
+        match = _TEXT_LAYER_KEY.match(key)
+        if match and int(match[1]) >= start:
+            out[f"cross_encoder.encoder.layer.{int(match[1]) - start}.{match[2]}"] = value
+        elif key.startswith("text_encoder."):
+            dropped_text += 1
+        elif key == "mlm_head.bias" or key.startswith(("answer_decoder.", "answer_head.")):
+            dropped_other.append(key)
+        else:
+            out[key] = value
+    notes = [f"moved fusion layers {start}..{cfg.text.num_layers - 1} to cross_encoder.encoder.layer.0..{cfg.text.num_layers - start - 1}",
+             f"dropped {dropped_text} text-encoder weights (layers 0..{start - 1} and embeddings)"]
+    if dropped_other:
+        notes.append(f"dropped {', '.join(dropped_other)} (tied to the old vocabulary)")
+    return out, notes
+
+
+def convert_to_multilingual(
+    source: X2VLM | str | Path | Mapping[str, torch.Tensor], text_dir: str | Path, cfg: X2VLMConfig | None = None
+) -> tuple[X2VLM, list[str]]:
+    """An X²-VLM model (or our model directory, or a state dict with its ``cfg``) with its text
+    encoder replaced by the Hugging Face RoBERTa/XLM-R/BERT model in ``text_dir``: fusion layers
+    moved to a separate cross encoder (``multilingual_state_dict``), text encoder weights from the
+    directory. Loading is strict; returns (model, parameters left newly initialised: ``mlm_head.bias``
+    when the task has an MLM head)."""
+    from x2vlm.models.hf_text import check_text_weights, hf_text_weights, hf_weights_file
+
+    if isinstance(source, X2VLM):
+        label, state, cfg = "(model)", source.state_dict(), source.cfg
+    elif isinstance(source, (str, Path)):
+        directory = resolve_model_dir(source)
+        label, state, cfg = str(directory / WEIGHTS_NAME), load_file(str(directory / WEIGHTS_NAME)), X2VLMConfig.load(directory / CONFIG_NAME)
+    else:
+        if cfg is None:
+            raise ValueError("convert_to_multilingual: a state dict needs its X2VLMConfig (cfg=...)")
+        label, state = "(state dict)", source
+    new_cfg = multilingual_config(cfg, text_dir)
+    mapped, notes = multilingual_state_dict(state, cfg)
+    for note in notes:
+        log.info("%s", note)
+    model = X2VLM(new_cfg)
+    text_weights = hf_text_weights(text_dir)
+    check_text_weights(text_weights, model.state_dict(), str(hf_weights_file(text_dir)))
+    new = check_and_load(model, {**mapped, **text_weights}, label, allow_missing=("mlm_head.bias",))
+    return model, new

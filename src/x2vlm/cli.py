@@ -27,7 +27,8 @@ def _load_config_file(path: Path, task: str | None):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Official checkpoint -> our directory (config.json, model.safetensors, vocab.txt)."""
+    """Official checkpoint -> our directory (config.json, model.safetensors, tokenizer files); with
+    ``--text-encoder`` the multilingual (separate cross encoder) model initialised from it."""
     from x2vlm.checkpoint import infer_config, load_official, read_state_dict, save_pretrained
     from x2vlm.config import preset
     from x2vlm.models.x2vlm import X2VLM
@@ -47,9 +48,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     new = load_official(model, state)
     if new:
         log.warning("newly initialised (not in the checkpoint): %s", ", ".join(new))
-    tokenizer = WordPieceTokenizer.from_name_or_path(args.tokenizer or cfg.tokenizer)
+    if args.text_encoder:  # X²-VLM -> multilingual: new text encoder, fusion layers -> cross encoder
+        from x2vlm.checkpoint import convert_to_multilingual
+        from x2vlm.tokenizer import load_tokenizer
+
+        model, new = convert_to_multilingual(model, args.text_encoder)
+        if new:
+            log.warning("newly initialised (not in the checkpoint): %s", ", ".join(new))
+        tokenizer = load_tokenizer(args.tokenizer or args.text_encoder)
+        cfg = model.cfg
+    else:
+        tokenizer = WordPieceTokenizer.from_name_or_path(args.tokenizer or cfg.tokenizer)
     out = Path(args.out_dir)
-    save_pretrained(model, out, tokenizer_files={"vocab.txt": tokenizer.vocab_file})
+    save_pretrained(model, out, tokenizer_files=tokenizer.files)
     log.info("wrote %s (task %s, image_res %d, %s)", out, cfg.task, cfg.image_res, cfg.name)
     return 0
 
@@ -145,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="override the task (pretrain, retrieval, grounding, nlvr, classification, vqa, captioning)")
     p.add_argument("--image-res", type=int, help="build the model at this resolution (relative-position tables are resized)")
     p.add_argument("--tokenizer", help="vocabulary name or file (default: the config's)")
+    p.add_argument("--text-encoder", metavar="HF_DIR",
+                   help="replace the text encoder with the Hugging Face RoBERTa/XLM-R/BERT model in HF_DIR; the fusion layers "
+                        "become a separate cross encoder (X²-VLM -> multilingual, as CCLM initialises from X²-VLM)")
     p.add_argument("--allow-unsafe-pickle", action="store_true", help="allow full unpickling for files that need it (runs code from the file: trusted files only)")
     p.set_defaults(func=cmd_convert)
 

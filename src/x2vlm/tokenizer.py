@@ -1,12 +1,20 @@
-"""BERT WordPiece tokenizer (uncased) through the ``tokenizers`` library.
+"""Tokenizers through the ``tokenizers`` library: BERT WordPiece (uncased) and XLM-R SentencePiece.
 
 The bert-base-uncased vocabulary ships with the package (``assets/bert-base-uncased-vocab.txt``,
 30,522 entries, md5 64800d5d8528ce344256daf115d4965e), so nothing is downloaded. Texts become
 ``[CLS] wordpieces [SEP]`` rows padded with ``[PAD]`` (id 0), as the official code feeds BERT.
+
+XLM-R (and other RoBERTa-family) tokenizers come from a Hugging Face model directory
+(``SentencePieceTokenizer``): its ``tokenizer.json``, or XLM-R's ``sentencepiece.bpe.model`` read
+directly (no ``sentencepiece``/``protobuf`` dependency). ``load_tokenizer`` picks the right one from a
+config value or directory; both classes have the same interface.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,7 +109,343 @@ class WordPieceTokenizer:
             ids = ids.tolist()
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def files(self) -> dict[str, Path]:
+        """Files that reproduce this tokenizer in a model directory: name -> source path."""
+        return {VOCAB_FILE_NAME: self.vocab_file}
+
     def save(self, directory: str | Path) -> Path:
         target = Path(directory) / VOCAB_FILE_NAME
         target.write_text("\n".join(self.id_to_token) + "\n", encoding="utf-8")
         return target
+
+
+# -- SentencePiece (XLM-R) and other Hugging Face ``tokenizer.json`` tokenizers ------------------------
+TOKENIZER_JSON_NAME = "tokenizer.json"
+SENTENCEPIECE_MODEL_NAME = "sentencepiece.bpe.model"  # XLM-R's name; the model inside is a unigram model
+SPIECE_UNDERLINE = "\u2581"
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A protobuf base-128 varint at ``pos``: (value, next position)."""
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """The (field number, value) pairs of one serialised protobuf message, in order.
+
+    Varints are ints; length-delimited fields, 32- and 64-bit fields are raw bytes (decoded by the
+    caller, who knows the schema). Enough for SentencePiece's ``ModelProto``."""
+    fields: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} (field {number})")
+        if pos > len(data):
+            raise ValueError(f"truncated protobuf field {number}")
+        fields.append((number, value))
+    return fields
+
+
+@dataclass
+class SentencePieceModel:
+    """What a SentencePiece ``.model`` file holds that tokenising needs (``ModelProto`` fields).
+
+    ``pieces``: (piece, score, type) per SentencePiece id; types are SentencePiece's (1 normal,
+    2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+
+    pieces: list[tuple[str, float, int]]
+    model_type: int = 1  # 1 unigram, 2 BPE, 3 word, 4 char
+    byte_fallback: bool = False
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+
+
+def read_sentencepiece_model(path: str | Path) -> SentencePieceModel:
+    """Parse a SentencePiece ``.model`` file (a serialised ``ModelProto``) without protobuf/sentencepiece.
+
+    Field numbers follow ``sentencepiece_model.proto``: ModelProto 1 pieces, 2 trainer_spec,
+    3 normalizer_spec; SentencePiece 1 piece, 2 score, 3 type; TrainerSpec 3 model_type,
+    35 byte_fallback; NormalizerSpec 2 precompiled_charsmap, 3 add_dummy_prefix,
+    4 remove_extra_whitespaces."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SentencePiece model not found: {path}")
+    model = SentencePieceModel(pieces=[])
+    try:
+        for number, value in _protobuf_fields(path.read_bytes()):
+            if number == 1:
+                piece, score, kind = "", 0.0, 1
+                for inner, inner_value in _protobuf_fields(value):
+                    if inner == 1:
+                        piece = inner_value.decode("utf-8")
+                    elif inner == 2:
+                        score = struct.unpack("<f", inner_value)[0]
+                    elif inner == 3:
+                        kind = inner_value
+                model.pieces.append((piece, score, kind))
+            elif number == 2:
+                for inner, inner_value in _protobuf_fields(value):
+                    if inner == 3:
+                        model.model_type = inner_value
+                    elif inner == 35:
+                        model.byte_fallback = bool(inner_value)
+            elif number == 3:
+                for inner, inner_value in _protobuf_fields(value):
+                    if inner == 2:
+                        model.precompiled_charsmap = bytes(inner_value)
+                    elif inner == 3:
+                        model.add_dummy_prefix = bool(inner_value)
+                    elif inner == 4:
+                        model.remove_extra_whitespaces = bool(inner_value)
+    except (ValueError, UnicodeDecodeError, struct.error, AttributeError) as err:
+        raise ValueError(f"{path}: not a SentencePiece model file ({err})") from err
+    if not model.pieces:
+        raise ValueError(f"{path}: not a SentencePiece model file (no pieces)")
+    return model
+
+
+# XLM-R's fairseq dictionary: these four first, then SentencePiece id i (i >= 3) at i + 1, <mask> last.
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+MASK_TOKEN = "<mask>"
+
+
+def xlmr_vocabulary(sp: SentencePieceModel, path: Path) -> list[tuple[str, float]]:
+    """The XLM-R id layout over a SentencePiece vocabulary: ``<s>``=0, ``<pad>``=1, ``</s>``=2,
+    ``<unk>``=3, piece ``i`` (i >= 3) at ``i + 1``, ``<mask>`` last. SentencePiece's ids 0-2 must be
+    ``<unk> <s> </s>``, as in XLM-R's model (``unk_id=0, bos_id=1, eos_id=2``, no pad)."""
+    head = [p for p, _, _ in sp.pieces[:3]]
+    if head != ["<unk>", "<s>", "</s>"]:
+        raise ValueError(f"{path}: SentencePiece ids 0-2 are {head}, expected ['<unk>', '<s>', '</s>'] (XLM-R layout)")
+    return [(tok, 0.0) for tok in FAIRSEQ_SPECIALS] + [(p, s) for p, s, _ in sp.pieces[3:]] + [(MASK_TOKEN, 0.0)]
+
+
+def tokenizer_from_sentencepiece_model(path: str | Path) -> _HFTokenizer:
+    """A ``tokenizers`` tokenizer equivalent to an XLM-R SentencePiece unigram model, with the
+    fairseq id offset (``xlmr_vocabulary``): the model's normaliser (its precompiled character
+    map), whitespace splitting, the ``▁`` word prefix, Viterbi unigram segmentation."""
+    path = Path(path)
+    sp = read_sentencepiece_model(path)
+    if sp.model_type != 1:
+        raise ValueError(f"{path}: SentencePiece model type {sp.model_type} is not unigram (1); give a tokenizer.json instead")
+    vocab = xlmr_vocabulary(sp, path)
+    tok = _HFTokenizer(models.Unigram(vocab, unk_id=FAIRSEQ_SPECIALS.index("<unk>"), byte_fallback=sp.byte_fallback))
+    if sp.precompiled_charsmap:
+        tok.normalizer = normalizers.Precompiled(sp.precompiled_charsmap)
+    scheme = "always" if sp.add_dummy_prefix else "never"
+    metaspace = pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme=scheme)
+    if sp.remove_extra_whitespaces:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
+    else:
+        tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme=scheme)
+    tok.add_special_tokens(list(FAIRSEQ_SPECIALS) + [MASK_TOKEN])
+    return tok
+
+
+def _special_token_names(directory: Path) -> dict[str, str]:
+    """Special-token strings from ``tokenizer_config.json`` when present, else XLM-R's."""
+    names = {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "unk": "<unk>", "mask": MASK_TOKEN}
+    config = directory / "tokenizer_config.json"
+    if config.exists():
+        data = json.loads(config.read_text())
+        for role in names:
+            value = data.get(f"{role}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                names[role] = value
+    return names
+
+
+class SentencePieceTokenizer:
+    """XLM-R (and other RoBERTa-family) tokenizer with the interface of ``WordPieceTokenizer``.
+
+    Built from a Hugging Face ``tokenizer.json`` (any model type ``tokenizers`` reads: XLM-R's
+    unigram, RoBERTa's byte-level BPE) or from XLM-R's ``sentencepiece.bpe.model`` (read directly,
+    see ``tokenizer_from_sentencepiece_model``). Texts become ``<s> pieces </s>`` rows padded with
+    ``<pad>``; the special tokens are looked up by name (``tokenizer_config.json`` may rename them).
+    """
+
+    def __init__(self, tokenizer: _HFTokenizer, source: Path, special_names: dict[str, str] | None = None):
+        self._tok = tokenizer
+        self.source = source
+        self._tok.no_truncation()  # Hugging Face saves whatever truncation/padding was last used
+        self._tok.no_padding()
+        self.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        names = special_names or _special_token_names(source.parent)
+        for role, token in names.items():
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{source}: the {role} token {token!r} is not in the vocabulary")
+            setattr(self, f"{role}_token_id", token_id)
+        self.special_tokens = dict(names)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> "SentencePieceTokenizer":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own exception type for malformed files
+            raise ValueError(f"{path}: not a readable tokenizer.json ({err})") from err
+        return cls(tok, path)
+
+    @classmethod
+    def from_sentencepiece_model(cls, path: str | Path) -> "SentencePieceTokenizer":
+        path = Path(path)
+        return cls(tokenizer_from_sentencepiece_model(path), path)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> "SentencePieceTokenizer":
+        """``tokenizer.json`` when the directory has one, else ``sentencepiece.bpe.model``."""
+        directory = Path(directory)
+        if (directory / TOKENIZER_JSON_NAME).exists():
+            return cls.from_tokenizer_json(directory / TOKENIZER_JSON_NAME)
+        if (directory / SENTENCEPIECE_MODEL_NAME).exists():
+            return cls.from_sentencepiece_model(directory / SENTENCEPIECE_MODEL_NAME)
+        raise FileNotFoundError(f"{directory}: no {TOKENIZER_JSON_NAME} or {SENTENCEPIECE_MODEL_NAME}")
+
+    @property
+    def vocab_file(self) -> Path:
+        """The file the tokenizer was read from (``save`` writes it back under the same name)."""
+        return self.source
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Files that reproduce this tokenizer in a model directory: name -> source path."""
+        found = {self.source.name: self.source}
+        config = self.source.parent / "tokenizer_config.json"
+        if config.exists():
+            found[config.name] = config
+        return found
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids never used as random MLM replacements: the five special tokens and every ``<...>`` token."""
+        from x2vlm.data.masking import special_ids_from_vocab
+
+        named = {self.pad_token_id, self.unk_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}
+        return named | set(special_ids_from_vocab(self.vocab))
+
+    def tokenize(self, text: str) -> list[str]:
+        """Pieces without ``<s>``/``</s>``."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def encode_one(self, text: str, max_length: int | None = None) -> list[int]:
+        """``<s> ... </s>`` ids, truncated to ``max_length`` (keeping the final ``</s>``)."""
+        ids = [self.cls_token_id, *self._tok.encode(text, add_special_tokens=False).ids, self.sep_token_id]
+        if max_length is not None and len(ids) > max_length:
+            ids = ids[: max_length - 1] + [self.sep_token_id]
+        return ids
+
+    def __call__(
+        self, texts: str | list[str], max_length: int | None = None, pad_to: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of texts -> (ids, attention mask), padded to the longest row or to ``pad_to``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return pad_rows([self.encode_one(t, max_length) for t in texts], self.pad_token_id, pad_to)
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str | Path) -> Path:
+        """Copy the tokenizer's files into ``directory``; returns the main one."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, src in self.files.items():
+            (directory / name).write_bytes(src.read_bytes())
+        return directory / self.source.name
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id rows -> (ids, 0/1 mask), right-padded with ``pad_id`` to the longest row or ``pad_to``."""
+    width = max(pad_to or 0, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+# -- choosing a tokenizer --------------------------------------------------------------------------
+def _tokenizer_json_model_type(path: Path) -> str | None:
+    """The ``model.type`` of a ``tokenizer.json`` (``WordPiece``, ``Unigram``, ``BPE`` ...)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("type")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer ``load_tokenizer`` can read."""
+    directory = Path(directory)
+    return any((directory / name).exists() for name in (TOKENIZER_JSON_NAME, SENTENCEPIECE_MODEL_NAME, VOCAB_FILE_NAME))
+
+
+def load_tokenizer(name_or_path: str | Path) -> "WordPieceTokenizer | SentencePieceTokenizer":
+    """The tokenizer a config value or model directory names.
+
+    - a bundled vocabulary name (``bert-base-uncased``) or a ``vocab.txt`` file: WordPiece;
+    - a ``.model`` file: XLM-R SentencePiece; a ``.json`` file: a Hugging Face ``tokenizer.json``;
+    - a directory: its ``tokenizer.json`` unless that is a WordPiece one, else its
+      ``sentencepiece.bpe.model``, else its ``vocab.txt`` (WordPiece, lower-cased unless
+      ``tokenizer_config.json`` says ``do_lower_case: false``).
+    """
+    if str(name_or_path) in BUNDLED_VOCABS:
+        return WordPieceTokenizer(BUNDLED_VOCABS[str(name_or_path)])
+    path = Path(name_or_path)
+    if path.is_dir():
+        tokenizer_json = path / TOKENIZER_JSON_NAME
+        if tokenizer_json.exists() and _tokenizer_json_model_type(tokenizer_json) != "WordPiece":
+            return SentencePieceTokenizer.from_tokenizer_json(tokenizer_json)
+        if (path / SENTENCEPIECE_MODEL_NAME).exists():
+            return SentencePieceTokenizer.from_sentencepiece_model(path / SENTENCEPIECE_MODEL_NAME)
+        if (path / VOCAB_FILE_NAME).exists():
+            lowercase = True
+            config = path / "tokenizer_config.json"
+            if config.exists():
+                lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+            return WordPieceTokenizer(path / VOCAB_FILE_NAME, lowercase=lowercase)
+        raise FileNotFoundError(
+            f"tokenizer directory {path}: no {TOKENIZER_JSON_NAME}, {SENTENCEPIECE_MODEL_NAME} or {VOCAB_FILE_NAME}"
+        )
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer {str(name_or_path)!r}: not a bundled vocabulary ({sorted(BUNDLED_VOCABS)}) and no file at {path}"
+        )
+    if path.suffix == ".model":
+        return SentencePieceTokenizer.from_sentencepiece_model(path)
+    if path.suffix == ".json":
+        return SentencePieceTokenizer.from_tokenizer_json(path)
+    return WordPieceTokenizer(path)
