@@ -17,12 +17,7 @@ from conftest import build_tiny
 from x2vlm.checkpoint import CheckpointMismatchError, convert_to_multilingual, from_pretrained, native_to_official
 from x2vlm.cli import main as cli_main
 from x2vlm.models.hf_text import read_hf_text_config, rename_hf_text_key, text_encoder_from_hf
-from x2vlm.tokenizer import (
-    SentencePieceTokenizer,
-    WordPieceTokenizer,
-    load_tokenizer,
-    read_sentencepiece_model,
-)
+from x2vlm.tokenizer import SentencePieceTokenizer, WordPieceTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -239,15 +234,22 @@ def test_sentencepiece_tokenizer_equals_transformers(source, spm, spm_dir, json_
     assert {0, 1, 2, 3, tok.mask_token_id} <= tok.special_ids
 
 
-def test_sentencepiece_model_file_parsed_like_sentencepiece(spm, spm_dir):
-    """Our protobuf reader sees the pieces, scores and types sentencepiece sees."""
-    parsed = read_sentencepiece_model(spm_dir / "sentencepiece.bpe.model")
+def test_sentencepiece_model_file_vocabulary_layout(spm, spm_dir):
+    """The .model path (the sentencepiece library) gives XLM-R's fairseq layout: every SentencePiece
+    piece i >= 3 at id i + 1, <s> <pad> </s> <unk> first, <mask> last; it survives pickling (data
+    loader workers)."""
+    import pickle
+
+    tok = load_tokenizer(spm_dir / "sentencepiece.bpe.model")
     proc = spm.SentencePieceProcessor(model_file=str(spm_dir / "sentencepiece.bpe.model"))
-    assert len(parsed.pieces) == proc.get_piece_size()
-    for i, (piece, score, kind) in enumerate(parsed.pieces):
-        assert piece == proc.id_to_piece(i) and score == pytest.approx(proc.get_score(i))
-        assert (kind == 2) == proc.is_unknown(i) and (kind == 3) == proc.is_control(i)
-    assert parsed.model_type == 1 and parsed.add_dummy_prefix and parsed.precompiled_charsmap
+    assert tok.vocab_size == proc.get_piece_size() + 2
+    tokens = sorted(tok.vocab, key=tok.vocab.get)
+    assert tokens[:4] == ["<s>", "<pad>", "</s>", "<unk>"] and tokens[-1] == "<mask>"
+    for i in range(3, proc.get_piece_size()):
+        assert tok.vocab[proc.id_to_piece(i)] == i + 1
+    copy = pickle.loads(pickle.dumps(tok))
+    assert [copy.encode_one(t) for t in TEXTS] == [tok.encode_one(t) for t in TEXTS]
+    assert tok.decode(tok.encode_one(TEXTS[0]), skip_special_tokens=False).startswith("<s>")
 
 
 def test_tokenizer_factory_and_save(spm_dir, json_dir, tmp_path):
@@ -278,11 +280,12 @@ def test_tokenizer_errors(tmp_path):
 # -- X²-VLM -> multilingual --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def xlmr_dir(tmp_path_factory, spm_dir):
-    """A tiny XLM-R with the tiny X²-VLM's text width, heads, feed-forward size and LayerNorm eps, and the tokenizer."""
+    """A tiny XLM-R with the tiny X²-VLM's text width, heads and feed-forward size, XLM-R's LayerNorm eps
+    (1e-5, while the X²-VLM fusion layers use BERT's 1e-12), and the tokenizer."""
     out = tmp_path_factory.mktemp("xlmr")
     (out / "sentencepiece.bpe.model").write_bytes((spm_dir / "sentencepiece.bpe.model").read_bytes())
     vocab_size = load_tokenizer(out).vocab_size
-    encoder = write_hf_model(out, "xlm-roberta", vocab_size, seed=3, eps=1e-12)
+    encoder = write_hf_model(out, "xlm-roberta", vocab_size, seed=3, eps=1e-5)
     return out, encoder
 
 
@@ -298,6 +301,9 @@ def test_conversion_moves_fusion_layers_and_keeps_outputs(tiny_state, tiny_input
     assert new == ["mlm_head.bias"]
     cfg = model.cfg
     assert cfg.cross_num_layers == 2 and cfg.text.num_layers == cfg.text.fusion_start == 2
+    # XLM-R's text layers keep eps 1e-5, the cross encoder the fusion layers' BERT eps 1e-12
+    assert cfg.text.layer_norm_eps == 1e-5 and cfg.cross.layer_norm_eps == source.cfg.text.layer_norm_eps == 1e-12
+    assert model.cross_encoder.encoder.layer[0].output.LayerNorm.eps == 1e-12
     assert cfg.text.position_style == "roberta" and cfg.tokenizer == str(text_dir)
     before, after = source.state_dict(), model.state_dict()
     fusion_start = source.cfg.text.fusion_start
@@ -324,8 +330,8 @@ def test_conversion_moves_fusion_layers_and_keeps_outputs(tiny_state, tiny_input
     for m in (source, model):
         vision, vmask = m.encode_images(images)
         fused = m.fuse(states, mask, vision, vmask)
-        outputs.append((vision, m.vision_features(vision), fused, m.itm_logits(fused), m.predict_boxes(vision, states, mask),
-                        m.mlm_head.transform(fused)))
+        # (not the MLM transform: as officially, the head is built with the text encoder's config, eps 1e-5)
+        outputs.append((vision, m.vision_features(vision), fused, m.itm_logits(fused), m.predict_boxes(vision, states, mask)))
     for got, want in zip(outputs[1], outputs[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # and the new text encoder is the XLM-R
@@ -346,7 +352,8 @@ def test_convert_command_with_text_encoder(tmp_path, tiny_state, tiny_inputs, xl
     out = tmp_path / "multilingual"
     assert cli_main(["convert", str(src), str(out), "--preset", "x2vlm-tiny", "--text-encoder", str(text_dir)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sentencepiece.bpe.model"]
-    assert json.loads((out / "config.json").read_text())["cross_num_layers"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["cross_num_layers"] == 2 and saved["cross"]["layer_norm_eps"] == 1e-12 and saved["text"]["layer_norm_eps"] == 1e-5
     reloaded = from_pretrained(out)
     expected, _ = convert_to_multilingual(source, text_dir)
     images = tiny_inputs["images"]
@@ -357,6 +364,33 @@ def test_convert_command_with_text_encoder(tmp_path, tiny_state, tiny_inputs, xl
         m._out = (m.text_features(text), m.itm_logits(m.fuse(text, text_mask, vision, vmask)))
     for a, b in zip(expected._out, reloaded._out):
         assert torch.equal(a, b)
+
+
+def test_cross_config_round_trip_and_old_files(tmp_path):
+    """``X2VLMConfig.cross`` survives config.json; files without it (older directories, or models
+    without a separate cross encoder) load with ``cross`` None and are written back without it;
+    inconsistent cross settings are refused by field."""
+    from x2vlm.config import X2VLMConfig, preset
+
+    plain = preset("x2vlm-tiny")
+    assert "cross" not in plain.to_dict() and X2VLMConfig.from_dict(plain.to_dict()).cross is None
+    text = {"num_layers": 2, "fusion_start": 2, "layer_norm_eps": 1e-5, "position_style": "roberta", "pad_token_id": 1}
+    cross = {**plain.to_dict()["text"], "num_layers": 2, "fusion_start": 0}
+    cfg = plain.replace(text=text, cross_num_layers=2, cross=cross)
+    assert cfg.cross_text.layer_norm_eps == 1e-12 and cfg.text.layer_norm_eps == 1e-5
+    cfg.save(tmp_path / "config.json")
+    assert X2VLMConfig.load(tmp_path / "config.json") == cfg
+    old = cfg.to_dict()
+    del old["cross"]  # a multilingual directory written before ``cross`` existed: the text settings
+    assert X2VLMConfig.from_dict(old).cross_text == X2VLMConfig.from_dict(old).text
+    with pytest.raises(ValueError, match="config field 'cross': num_layers 3"):
+        cfg.replace(cross={"num_layers": 3})
+    with pytest.raises(ValueError, match="config field 'cross.hidden_size': 32 differs"):
+        cfg.replace(cross={"hidden_size": 32})
+    with pytest.raises(ValueError, match="cross-encoder settings given but cross_num_layers is 0"):
+        plain.replace(cross=cross)
+    with pytest.raises(ValueError, match=r"cross: unknown key\(s\) \['eps'\]"):
+        X2VLMConfig.from_dict({**cfg.to_dict(), "cross": {**cross, "eps": 1}})
 
 
 # -- errors ----------------------------------------------------------------------------------------

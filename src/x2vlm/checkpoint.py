@@ -583,11 +583,12 @@ def multilingual_config(cfg: X2VLMConfig, text_dir: str | Path) -> X2VLMConfig:
     """The separate-cross-encoder config for an X²-VLM ``cfg`` whose text encoder is replaced by the
     Hugging Face model in ``text_dir`` (spec §1.7): the text stack is that model's (no
     cross-attention), the ``num_layers - fusion_start`` fusion layers become the cross encoder, and
-    the tokenizer is the directory's.
+    the tokenizer is the directory's. The cross encoder keeps the X²-VLM text config's LayerNorm eps,
+    dropout and drop-path rate (``X2VLMConfig.cross``), so its outputs are those of the fusion layers.
 
-    The cross encoder takes its dimensions from the text config, so the new text model must have
-    the X²-VLM text width, head count and feed-forward size (as XLM-R-base/large have for
-    X²-VLM-base/large)."""
+    The cross encoder reads the new text model's states, so that model must have the X²-VLM text
+    width (as XLM-R-base/large have for X²-VLM-base/large); its head count and feed-forward size
+    may differ (the cross encoder keeps its own)."""
     from x2vlm.models.hf_text import HF_CONFIG_NAME, read_hf_text_config
 
     if cfg.cross_num_layers:
@@ -597,23 +598,26 @@ def multilingual_config(cfg: X2VLMConfig, text_dir: str | Path) -> X2VLMConfig:
     src = cfg.text
     new = read_hf_text_config(text_dir)
     where = Path(text_dir) / HF_CONFIG_NAME
-    for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):
-        if getattr(new, ours) != getattr(src, ours):
-            raise ValueError(
-                f"{where}: field {theirs!r} is {getattr(new, ours)} but the X²-VLM model has text.{ours}={getattr(src, ours)} "
-                "(the fusion layers become the cross encoder and keep their shapes)"
-            )
-    if new.layer_norm_eps != src.layer_norm_eps:
-        log.warning(
-            "%s: layer_norm_eps %g differs from the X²-VLM fusion layers' %g; the cross encoder uses the text model's value",
-            where, new.layer_norm_eps, src.layer_norm_eps,
+    if new.hidden_size != src.hidden_size:
+        raise ValueError(
+            f"{where}: field 'hidden_size' is {new.hidden_size} but the X²-VLM model has text.hidden_size={src.hidden_size} "
+            "(the fusion layers become the cross encoder and read the new text states)"
         )
     new.text_drop_path_rate = src.text_drop_path_rate
     new.cross_drop_path_rate = src.cross_drop_path_rate
+    cross_num_layers = src.num_layers - src.fusion_start
+    # The cross encoder keeps the fusion layers' own settings (BERT's LayerNorm eps 1e-12 and dropout,
+    # while XLM-R's text layers use eps 1e-5); vocabulary and special ids are copied from the new text
+    # config as the official config_cross does (unused: the cross encoder has no embeddings).
+    cross = dataclasses.replace(
+        src, num_layers=cross_num_layers, fusion_start=0, vocab_size=new.vocab_size, pad_token_id=new.pad_token_id,
+        cls_token_id=new.cls_token_id, sep_token_id=new.sep_token_id, mask_token_id=new.mask_token_id, unk_token_id=new.unk_token_id,
+    )
     return cfg.replace(
         name=f"{cfg.name}-multilingual",
         text=dataclasses.asdict(new),
-        cross_num_layers=src.num_layers - src.fusion_start,
+        cross_num_layers=cross_num_layers,
+        cross=dataclasses.asdict(cross),
         tokenizer=str(text_dir),
     )
 

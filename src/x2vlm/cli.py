@@ -32,7 +32,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from x2vlm.checkpoint import infer_config, load_official, read_state_dict, save_pretrained
     from x2vlm.config import preset
     from x2vlm.models.x2vlm import X2VLM
-    from x2vlm.tokenizer import WordPieceTokenizer
+    from x2vlm.tokenizer import load_tokenizer
 
     state = read_state_dict(args.src, allow_unsafe_pickle=args.allow_unsafe_pickle)
     if args.config:
@@ -50,7 +50,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         log.warning("newly initialised (not in the checkpoint): %s", ", ".join(new))
     if args.text_encoder:  # X²-VLM -> multilingual: new text encoder, fusion layers -> cross encoder
         from x2vlm.checkpoint import convert_to_multilingual
-        from x2vlm.tokenizer import load_tokenizer
 
         model, new = convert_to_multilingual(model, args.text_encoder)
         if new:
@@ -58,7 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer or args.text_encoder)
         cfg = model.cfg
     else:
-        tokenizer = WordPieceTokenizer.from_name_or_path(args.tokenizer or cfg.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     out = Path(args.out_dir)
     save_pretrained(model, out, tokenizer_files=tokenizer.files)
     log.info("wrote %s (task %s, image_res %d, %s)", out, cfg.task, cfg.image_res, cfg.name)
@@ -123,15 +122,14 @@ def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     import torch
 
     from x2vlm.checkpoint import from_pretrained
-    from x2vlm.tasks.retrieval import evaluate_retrieval, load_retrieval_split
-    from x2vlm.tokenizer import WordPieceTokenizer
-
     from x2vlm.checkpoint import resolve_model_dir
+    from x2vlm.tasks.retrieval import evaluate_retrieval, load_retrieval_split
+    from x2vlm.tokenizer import model_tokenizer
 
     torch.manual_seed(0)
     checkpoint = resolve_model_dir(args.checkpoint)
     model = from_pretrained(checkpoint)
-    tokenizer = WordPieceTokenizer.from_name_or_path(checkpoint if (checkpoint / "vocab.txt").exists() else model.cfg.tokenizer)
+    tokenizer = model_tokenizer(checkpoint, model.cfg.tokenizer)
     split = load_retrieval_split(args.data, args.image_root, model.cfg.image_res, tokenizer, args.max_tokens,
                                  frame_len=model.cfg.frame_len if args.video else 0)
     results = evaluate_retrieval(model, split.pixels, split.text_ids, split.text_mask, split.img2txt, split.txt2img,
@@ -155,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", help="an official YAML or our config.json")
     p.add_argument("--task", help="override the task (pretrain, retrieval, grounding, nlvr, classification, vqa, captioning)")
     p.add_argument("--image-res", type=int, help="build the model at this resolution (relative-position tables are resized)")
-    p.add_argument("--tokenizer", help="vocabulary name or file (default: the config's)")
+    p.add_argument("--tokenizer", help="tokenizer: vocabulary name or file, tokenizer.json, .model or directory (default: the config's)")
     p.add_argument("--text-encoder", metavar="HF_DIR",
                    help="replace the text encoder with the Hugging Face RoBERTa/XLM-R/BERT model in HF_DIR; the fusion layers "
                         "become a separate cross encoder (X²-VLM -> multilingual, as CCLM initialises from X²-VLM)")

@@ -80,6 +80,10 @@ class X2VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     cross_num_layers: int = 0  # > 0: separate cross encoder (XLM-R variant), text stack has no cross layers
+    # The separate cross encoder's own settings (LayerNorm eps, dropout, drop path), e.g. BERT's
+    # while the text encoder is an XLM-R; None: the same as ``text``. When given, its
+    # hidden_size equals text.hidden_size, num_layers equals cross_num_layers, fusion_start is 0.
+    cross: TextConfig | None = None
     embed_dim: int = 256
     temp: float = 0.07
     frame_len: int = 0  # > 0: video model with frames averaged over time
@@ -95,12 +99,19 @@ class X2VLMConfig:
             self.vision = dataclass_from_mapping(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
             self.text = dataclass_from_mapping(TextConfig, self.text, "text")
+        if isinstance(self.cross, dict):
+            self.cross = dataclass_from_mapping(TextConfig, self.cross, "cross")
         self.validate()
 
     # -- derived -------------------------------------------------------------------------------
     @property
     def heads(self) -> tuple[str, ...]:
         return TASK_HEADS[self.task]
+
+    @property
+    def cross_text(self) -> TextConfig:
+        """The settings of the separate cross encoder's layers (``cross``, else ``text``)."""
+        return self.cross if self.cross is not None else self.text
 
     @property
     def grid(self) -> int:
@@ -126,6 +137,17 @@ class X2VLMConfig:
             raise ValueError("config: a separate cross encoder (cross_num_layers > 0) needs text.fusion_start == text.num_layers")
         if not self.cross_num_layers and t.fusion_start == t.num_layers:
             raise ValueError("config: the model has no fusion layers (text.fusion_start == text.num_layers, cross_num_layers == 0)")
+        if self.cross is not None:
+            c = self.cross
+            if not self.cross_num_layers:
+                raise ValueError("config field 'cross': cross-encoder settings given but cross_num_layers is 0")
+            if c.hidden_size != t.hidden_size:
+                raise ValueError(f"config field 'cross.hidden_size': {c.hidden_size} differs from text.hidden_size {t.hidden_size}")
+            if c.hidden_size % c.num_heads:
+                raise ValueError(f"config field 'cross.hidden_size': {c.hidden_size} not divisible by num_heads {c.num_heads}")
+            if (c.num_layers, c.fusion_start) != (self.cross_num_layers, 0):
+                raise ValueError(f"config field 'cross': num_layers {c.num_layers} and fusion_start {c.fusion_start} must be "
+                                 f"cross_num_layers ({self.cross_num_layers}) and 0")
         if self.task == "classification" and self.num_labels <= 0:
             raise ValueError("config field 'num_labels' must be > 0 for task 'classification'")
         if t.position_style not in ("absolute", "roberta"):
@@ -133,7 +155,11 @@ class X2VLMConfig:
 
     # -- I/O -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; ``cross`` only when set (config files without it keep their old form)."""
+        data = dataclasses.asdict(self)
+        if data["cross"] is None:
+            del data["cross"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "X2VLMConfig":
@@ -155,11 +181,14 @@ class X2VLMConfig:
             raise ValueError(f"{path}: {err}") from err
 
     def replace(self, **changes: Any) -> "X2VLMConfig":
-        """A copy with top-level fields changed; nested ones with ``vision=`` / ``text=`` dicts of changes."""
+        """A copy with top-level fields changed; nested ones with ``vision=`` / ``text=`` / ``cross=``
+        dicts of changes (``cross=`` a whole TextConfig, dict or None when there is none yet)."""
         data = self.to_dict()
         for key, value in changes.items():
-            if key in ("vision", "text") and isinstance(value, dict):
+            if key in ("vision", "text", "cross") and isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key].update(value)
+            elif isinstance(value, TextConfig | VisionConfig):
+                data[key] = dataclasses.asdict(value)
             else:
                 data[key] = value
         return X2VLMConfig.from_dict(data)

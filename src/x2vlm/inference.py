@@ -80,7 +80,7 @@ from x2vlm.tasks import grounding as grounding_task
 from x2vlm.tasks import retrieval as retrieval_task
 from x2vlm.tasks import video_qa as video_qa_task
 from x2vlm.tasks import vqa as vqa_task
-from x2vlm.tokenizer import VOCAB_FILE_NAME, WordPieceTokenizer
+from x2vlm.tokenizer import Tokenizer, model_tokenizer
 
 INFERENCE_FILE = "inference.json"
 ANSWER_LIST_FILE = "answer_list.json"
@@ -373,8 +373,8 @@ def model_fingerprint(model: X2VLM) -> str:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          batch_size: int = DEFAULT_BATCH_SIZE) -> Model:
     """A model for inference from one of our model directories or a run directory (a fine-tuning
-    run's ``best/``, else its latest checkpoint). The tokenizer is the directory's ``vocab.txt``,
-    else the config's; ``device`` 'cpu', 'cuda[:N]' or 'mps'; ``dtype`` None/'fp32' or 'bf16'."""
+    run's ``best/``, else its latest checkpoint). The tokenizer is the directory's own (``vocab.txt``,
+    ``tokenizer.json`` or ``sentencepiece.bpe.model``), else the config's; ``device`` 'cpu', 'cuda[:N]' or 'mps'; ``dtype`` None/'fp32' or 'bf16'."""
     path = Path(path)
     if path.is_file() and path.name != "latest":
         raise ValueError(f"{path} is a file; x2vlm.load reads a model directory (config.json + model.safetensors) or a "
@@ -385,8 +385,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     precision = resolve_dtype(dtype, dev)
     directory = resolve_trained_model_dir(path)
     model = from_pretrained(directory).to(dev)
-    vocab = directory / VOCAB_FILE_NAME
-    tokenizer = WordPieceTokenizer(vocab) if vocab.exists() else WordPieceTokenizer.from_name_or_path(model.cfg.tokenizer)
+    tokenizer = model_tokenizer(directory, model.cfg.tokenizer)
     return Model(model, tokenizer, directory, precision, batch_size)
 
 
@@ -403,7 +402,7 @@ class Model:
     ``directory`` (optional) is where ``inference.json``, ``answer_list.json`` and ``ans2label.json``
     are looked for; ``settings`` (the content of ``inference.json``) overrides that file."""
 
-    def __init__(self, model: X2VLM, tokenizer: WordPieceTokenizer, directory: str | Path | None = None,
+    def __init__(self, model: X2VLM, tokenizer: Tokenizer, directory: str | Path | None = None,
                  dtype: str | torch.dtype | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  settings: dict[str, Any] | None = None):
         self.model = model.eval()

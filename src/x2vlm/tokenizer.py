@@ -5,16 +5,15 @@ The bert-base-uncased vocabulary ships with the package (``assets/bert-base-unca
 ``[CLS] wordpieces [SEP]`` rows padded with ``[PAD]`` (id 0), as the official code feeds BERT.
 
 XLM-R (and other RoBERTa-family) tokenizers come from a Hugging Face model directory
-(``SentencePieceTokenizer``): its ``tokenizer.json``, or XLM-R's ``sentencepiece.bpe.model`` read
-directly (no ``sentencepiece``/``protobuf`` dependency). ``load_tokenizer`` picks the right one from a
-config value or directory; both classes have the same interface.
+(``SentencePieceTokenizer``): its ``tokenizer.json`` through ``tokenizers``, or XLM-R's
+``sentencepiece.bpe.model`` through the ``sentencepiece`` library. ``load_tokenizer`` picks the right
+one from a config value or directory; both classes have the same interface.
 """
 
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import torch
@@ -123,145 +122,98 @@ class WordPieceTokenizer:
 # -- SentencePiece (XLM-R) and other Hugging Face ``tokenizer.json`` tokenizers ------------------------
 TOKENIZER_JSON_NAME = "tokenizer.json"
 SENTENCEPIECE_MODEL_NAME = "sentencepiece.bpe.model"  # XLM-R's name; the model inside is a unigram model
-SPIECE_UNDERLINE = "\u2581"
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """A protobuf base-128 varint at ``pos``: (value, next position)."""
-    value, shift = 0, 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _protobuf_fields(data: bytes) -> list[tuple[int, int | bytes]]:
-    """The (field number, value) pairs of one serialised protobuf message, in order.
-
-    Varints are ints; length-delimited fields, 32- and 64-bit fields are raw bytes (decoded by the
-    caller, who knows the schema). Enough for SentencePiece's ``ModelProto``."""
-    fields: list[tuple[int, int | bytes]] = []
-    pos = 0
-    while pos < len(data):
-        tag, pos = _read_varint(data, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire == 1:
-            value, pos = data[pos : pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _read_varint(data, pos)
-            value, pos = data[pos : pos + length], pos + length
-        elif wire == 5:
-            value, pos = data[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} (field {number})")
-        if pos > len(data):
-            raise ValueError(f"truncated protobuf field {number}")
-        fields.append((number, value))
-    return fields
-
-
-@dataclass
-class SentencePieceModel:
-    """What a SentencePiece ``.model`` file holds that tokenising needs (``ModelProto`` fields).
-
-    ``pieces``: (piece, score, type) per SentencePiece id; types are SentencePiece's (1 normal,
-    2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
-
-    pieces: list[tuple[str, float, int]]
-    model_type: int = 1  # 1 unigram, 2 BPE, 3 word, 4 char
-    byte_fallback: bool = False
-    precompiled_charsmap: bytes = b""
-    add_dummy_prefix: bool = True
-    remove_extra_whitespaces: bool = True
-
-
-def read_sentencepiece_model(path: str | Path) -> SentencePieceModel:
-    """Parse a SentencePiece ``.model`` file (a serialised ``ModelProto``) without protobuf/sentencepiece.
-
-    Field numbers follow ``sentencepiece_model.proto``: ModelProto 1 pieces, 2 trainer_spec,
-    3 normalizer_spec; SentencePiece 1 piece, 2 score, 3 type; TrainerSpec 3 model_type,
-    35 byte_fallback; NormalizerSpec 2 precompiled_charsmap, 3 add_dummy_prefix,
-    4 remove_extra_whitespaces."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SentencePiece model not found: {path}")
-    model = SentencePieceModel(pieces=[])
-    try:
-        for number, value in _protobuf_fields(path.read_bytes()):
-            if number == 1:
-                piece, score, kind = "", 0.0, 1
-                for inner, inner_value in _protobuf_fields(value):
-                    if inner == 1:
-                        piece = inner_value.decode("utf-8")
-                    elif inner == 2:
-                        score = struct.unpack("<f", inner_value)[0]
-                    elif inner == 3:
-                        kind = inner_value
-                model.pieces.append((piece, score, kind))
-            elif number == 2:
-                for inner, inner_value in _protobuf_fields(value):
-                    if inner == 3:
-                        model.model_type = inner_value
-                    elif inner == 35:
-                        model.byte_fallback = bool(inner_value)
-            elif number == 3:
-                for inner, inner_value in _protobuf_fields(value):
-                    if inner == 2:
-                        model.precompiled_charsmap = bytes(inner_value)
-                    elif inner == 3:
-                        model.add_dummy_prefix = bool(inner_value)
-                    elif inner == 4:
-                        model.remove_extra_whitespaces = bool(inner_value)
-    except (ValueError, UnicodeDecodeError, struct.error, AttributeError) as err:
-        raise ValueError(f"{path}: not a SentencePiece model file ({err})") from err
-    if not model.pieces:
-        raise ValueError(f"{path}: not a SentencePiece model file (no pieces)")
-    return model
-
 
 # XLM-R's fairseq dictionary: these four first, then SentencePiece id i (i >= 3) at i + 1, <mask> last.
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
+SENTENCEPIECE_HEAD = ("<unk>", "<s>", "</s>")  # SentencePiece ids 0-2 of XLM-R's model (unk_id=0, bos_id=1, eos_id=2)
 
 
-def xlmr_vocabulary(sp: SentencePieceModel, path: Path) -> list[tuple[str, float]]:
-    """The XLM-R id layout over a SentencePiece vocabulary: ``<s>``=0, ``<pad>``=1, ``</s>``=2,
-    ``<unk>``=3, piece ``i`` (i >= 3) at ``i + 1``, ``<mask>`` last. SentencePiece's ids 0-2 must be
-    ``<unk> <s> </s>``, as in XLM-R's model (``unk_id=0, bos_id=1, eos_id=2``, no pad)."""
-    head = [p for p, _, _ in sp.pieces[:3]]
-    if head != ["<unk>", "<s>", "</s>"]:
-        raise ValueError(f"{path}: SentencePiece ids 0-2 are {head}, expected ['<unk>', '<s>', '</s>'] (XLM-R layout)")
-    return [(tok, 0.0) for tok in FAIRSEQ_SPECIALS] + [(p, s) for p, s, _ in sp.pieces[3:]] + [(MASK_TOKEN, 0.0)]
+class TokenizerJsonBackend:
+    """Pieces and ids of a Hugging Face ``tokenizer.json`` through the ``tokenizers`` library."""
+
+    def __init__(self, tokenizer: _HFTokenizer):
+        self._tok = tokenizer
+        self._tok.no_truncation()  # Hugging Face saves whatever truncation/padding was last used
+        self._tok.no_padding()
+
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def pieces(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def tokenizer_from_sentencepiece_model(path: str | Path) -> _HFTokenizer:
-    """A ``tokenizers`` tokenizer equivalent to an XLM-R SentencePiece unigram model, with the
-    fairseq id offset (``xlmr_vocabulary``): the model's normaliser (its precompiled character
-    map), whitespace splitting, the ``▁`` word prefix, Viterbi unigram segmentation."""
-    path = Path(path)
-    sp = read_sentencepiece_model(path)
-    if sp.model_type != 1:
-        raise ValueError(f"{path}: SentencePiece model type {sp.model_type} is not unigram (1); give a tokenizer.json instead")
-    vocab = xlmr_vocabulary(sp, path)
-    tok = _HFTokenizer(models.Unigram(vocab, unk_id=FAIRSEQ_SPECIALS.index("<unk>"), byte_fallback=sp.byte_fallback))
-    if sp.precompiled_charsmap:
-        tok.normalizer = normalizers.Precompiled(sp.precompiled_charsmap)
-    scheme = "always" if sp.add_dummy_prefix else "never"
-    metaspace = pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme=scheme)
-    if sp.remove_extra_whitespaces:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
-    else:
-        tok.pre_tokenizer = metaspace
-    tok.decoder = decoders.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme=scheme)
-    tok.add_special_tokens(list(FAIRSEQ_SPECIALS) + [MASK_TOKEN])
-    return tok
+class SentencePieceModelBackend:
+    """XLM-R's ``sentencepiece.bpe.model`` through the ``sentencepiece`` library, with the fairseq
+    id layout XLM-R's embeddings use: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, SentencePiece
+    piece ``i`` (i >= 3) at ``i + 1``, ``<mask>`` the last id.
+
+    The five special tokens written in a text are matched as tokens (as Hugging Face does); the text
+    between them goes through SentencePiece, whose unknown piece becomes ``<unk>``."""
+
+    def __init__(self, path: str | Path, model_bytes: bytes | None = None):
+        import sentencepiece
+
+        self.path = Path(path)
+        if model_bytes is None:
+            if not self.path.exists():
+                raise FileNotFoundError(f"SentencePiece model not found: {self.path}")
+            model_bytes = self.path.read_bytes()
+        self._model_bytes = model_bytes
+        self._processor = sentencepiece.SentencePieceProcessor()
+        try:
+            self._processor.LoadFromSerializedProto(model_bytes)
+        except (RuntimeError, OSError, TypeError) as err:  # sentencepiece reports a parse failure as RuntimeError
+            raise ValueError(f"{self.path}: not a SentencePiece model file ({err})") from err
+        head = tuple(self._processor.id_to_piece(i) for i in range(min(3, self._processor.get_piece_size())))
+        if head != SENTENCEPIECE_HEAD:
+            raise ValueError(f"{self.path}: SentencePiece ids 0-2 are {list(head)}, expected {list(SENTENCEPIECE_HEAD)} (XLM-R layout)")
+        pieces = [self._processor.id_to_piece(i) for i in range(3, self._processor.get_piece_size())]
+        self.tokens = [*FAIRSEQ_SPECIALS, *pieces, MASK_TOKEN]
+        self.unk_id = FAIRSEQ_SPECIALS.index("<unk>")
+        self.special_token_ids = {token: i for i, token in enumerate(self.tokens) if token in (*FAIRSEQ_SPECIALS, MASK_TOKEN)}
+        self.special_ids = set(self.special_token_ids.values())
+        self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in self.special_token_ids) + ")")
+
+    def __getstate__(self) -> dict:
+        """Picklable (data-loader workers): the processor is rebuilt from the model's bytes."""
+        return {"path": self.path, "model_bytes": self._model_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["model_bytes"])
+
+    def vocab(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self.tokens)}
+
+    def _fairseq_id(self, piece_id: int) -> int:
+        return self.unk_id if piece_id == self._processor.unk_id() else piece_id + 1
+
+    def ids(self, text: str) -> list[int]:
+        out: list[int] = []
+        for k, part in enumerate(self._special_pattern.split(text)):
+            if k % 2:  # a special token written in the text
+                out.append(self.special_token_ids[part])
+            elif part:
+                out.extend(self._fairseq_id(i) for i in self._processor.encode(part))
+        return out
+
+    def pieces(self, text: str) -> list[str]:
+        return [self.tokens[i] for i in self.ids(text)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """The pieces joined with ``▁`` read as a space and the text's first space dropped, as Hugging
+        Face's XLM-R tokenizer decodes (``sentencepiece``'s own decoding would also drop the space
+        of a ``▁`` piece left first by a skipped ``<unk>``)."""
+        kept = [i for i in ids if not (skip_special_tokens and i in self.special_ids)]
+        text = "".join(self.tokens[i] for i in kept).replace("\u2581", " ")
+        return text[1:] if text.startswith(" ") else text
 
 
 def _special_token_names(directory: Path) -> dict[str, str]:
@@ -283,20 +235,20 @@ class SentencePieceTokenizer:
     """XLM-R (and other RoBERTa-family) tokenizer with the interface of ``WordPieceTokenizer``.
 
     Built from a Hugging Face ``tokenizer.json`` (any model type ``tokenizers`` reads: XLM-R's
-    unigram, RoBERTa's byte-level BPE) or from XLM-R's ``sentencepiece.bpe.model`` (read directly,
-    see ``tokenizer_from_sentencepiece_model``). Texts become ``<s> pieces </s>`` rows padded with
-    ``<pad>``; the special tokens are looked up by name (``tokenizer_config.json`` may rename them).
+    unigram, RoBERTa's byte-level BPE) or from XLM-R's ``sentencepiece.bpe.model`` (through the
+    ``sentencepiece`` library, see ``SentencePieceModelBackend``). Texts become ``<s> pieces </s>``
+    rows padded with ``<pad>``; the special tokens are looked up by name (``tokenizer_config.json``
+    may rename them).
     """
 
-    def __init__(self, tokenizer: _HFTokenizer, source: Path, special_names: dict[str, str] | None = None):
-        self._tok = tokenizer
+    def __init__(self, backend: TokenizerJsonBackend | SentencePieceModelBackend, source: Path,
+                 special_names: dict[str, str] | None = None):
+        self._backend = backend
         self.source = source
-        self._tok.no_truncation()  # Hugging Face saves whatever truncation/padding was last used
-        self._tok.no_padding()
-        self.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab = backend.vocab()
         names = special_names or _special_token_names(source.parent)
         for role, token in names.items():
-            token_id = tokenizer.token_to_id(token)
+            token_id = self.vocab.get(token)
             if token_id is None:
                 raise ValueError(f"{source}: the {role} token {token!r} is not in the vocabulary")
             setattr(self, f"{role}_token_id", token_id)
@@ -311,12 +263,12 @@ class SentencePieceTokenizer:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises its own exception type for malformed files
             raise ValueError(f"{path}: not a readable tokenizer.json ({err})") from err
-        return cls(tok, path)
+        return cls(TokenizerJsonBackend(tok), path)
 
     @classmethod
     def from_sentencepiece_model(cls, path: str | Path) -> "SentencePieceTokenizer":
         path = Path(path)
-        return cls(tokenizer_from_sentencepiece_model(path), path)
+        return cls(SentencePieceModelBackend(path), path)
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "SentencePieceTokenizer":
@@ -344,7 +296,7 @@ class SentencePieceTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return len(self.vocab)
 
     @property
     def special_ids(self) -> set[int]:
@@ -356,11 +308,11 @@ class SentencePieceTokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """Pieces without ``<s>``/``</s>``."""
-        return self._tok.encode(text, add_special_tokens=False).tokens
+        return self._backend.pieces(text)
 
     def encode_one(self, text: str, max_length: int | None = None) -> list[int]:
         """``<s> ... </s>`` ids, truncated to ``max_length`` (keeping the final ``</s>``)."""
-        ids = [self.cls_token_id, *self._tok.encode(text, add_special_tokens=False).ids, self.sep_token_id]
+        ids = [self.cls_token_id, *self._backend.ids(text), self.sep_token_id]
         if max_length is not None and len(ids) > max_length:
             ids = ids[: max_length - 1] + [self.sep_token_id]
         return ids
@@ -376,7 +328,7 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(ids, skip_special_tokens)
 
     def save(self, directory: str | Path) -> Path:
         """Copy the tokenizer's files into ``directory``; returns the main one."""
@@ -449,3 +401,15 @@ def load_tokenizer(name_or_path: str | Path) -> "WordPieceTokenizer | SentencePi
     if path.suffix == ".json":
         return SentencePieceTokenizer.from_tokenizer_json(path)
     return WordPieceTokenizer(path)
+
+
+Tokenizer = WordPieceTokenizer | SentencePieceTokenizer
+
+
+def model_tokenizer(directory: str | Path | None, configured: str | Path) -> Tokenizer:
+    """The tokenizer of a model: the tokenizer files saved in its ``directory`` (``vocab.txt``,
+    ``tokenizer.json`` or ``sentencepiece.bpe.model``) when it has them, else the one its config's
+    ``tokenizer`` field names (``configured``)."""
+    if directory is not None and has_tokenizer_files(directory):
+        return load_tokenizer(directory)
+    return load_tokenizer(configured)

@@ -8,6 +8,8 @@ number for JSON lines, list index for JSON arrays) and the offending field.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import pickle
@@ -385,6 +387,55 @@ def read_multilingual_eval(files: dict[str, PathLike], vision_key: str = "image"
                            text_key: str = "caption") -> dict[str, list[EvalImage]]:
     """Per-language evaluation files (the ``val_file``/``test_file`` dicts of XRetrieval)."""
     return {language: read_karpathy_eval(path, vision_key, text_key) for language, path in files.items()}
+
+
+def pairs_of_eval_images(images: list[EvalImage]) -> list[CaptionPair]:
+    """Training pairs of evaluation-style records: one per caption, the record's index as id."""
+    return [CaptionPair(image=item.image, caption=caption, index=item.index) for item in images for caption in item.captions]
+
+
+def read_xflickrco(path: PathLike) -> list[EvalImage]:
+    """IGLUE xFlickr&CO JSON lines, one image per line: ``{"sentences": [str, ...], "id", "img_path"}``
+    -> ``EvalImage(image=img_path, captions=sentences, index=id)``. Which image root ``img_path``
+    is under (COCO's when it contains ``COCO``, else Flickr30K's) is the caller's decision."""
+    images = []
+    for number, data in iter_json_lines(path):
+        fields = _Fields(data, f"{path}:{number}")
+        images.append(EvalImage(image=fields.string("img_path"), captions=fields.strings("sentences"), index=fields.identifier("id")))
+    if not images:
+        raise DataFormatError(f"{path}: no record")
+    return images
+
+
+@dataclass(frozen=True)
+class WitImages:
+    """A WIT file's images grouped by URL (first-seen order) with their captions, and every URL's
+    encoded image file (decoded from ``image_content``)."""
+
+    images: list[EvalImage]  # image = index = the URL
+    contents: dict[str, bytes]
+
+
+def read_wit(path: PathLike) -> WitImages:
+    """IGLUE WIT JSON lines, one (image, caption) pair per line: ``image_url``, ``image_content``
+    (the image file, base64) and ``caption_reference_description``; lines with the same URL are one
+    image with several captions (the first line's ``image_content`` is kept)."""
+    captions: dict[str, list[str]] = {}
+    contents: dict[str, bytes] = {}
+    for number, data in iter_json_lines(path):
+        fields = _Fields(data, f"{path}:{number}")
+        url = fields.string("image_url")
+        caption = fields.string("caption_reference_description")
+        encoded = fields.string("image_content")
+        if url not in contents:
+            try:
+                contents[url] = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise fields.fail("image_content", "base64 image data") from None
+        captions.setdefault(url, []).append(caption)
+    if not captions:
+        raise DataFormatError(f"{path}: no record")
+    return WitImages([EvalImage(image=url, captions=texts, index=url) for url, texts in captions.items()], contents)
 
 
 def read_coco_caption_gt(path: PathLike) -> dict[int, list[str]]:

@@ -42,8 +42,8 @@ class X2VLM(nn.Module):
             self.mlm_head = MLMHead(t)
         self.cross_encoder = None
         if cfg.cross_num_layers:
-            self.cross_encoder = TextTransformer(
-                t, cfg.cross_num_layers, cross_start=0, cross_width=cfg.vision.width, with_embeddings=False
+            self.cross_encoder = TextTransformer(  # its own LayerNorm eps / dropout: cfg.cross (BERT's), else the text's
+                cfg.cross_text, cfg.cross_num_layers, cross_start=0, cross_width=cfg.vision.width, with_embeddings=False
             )
         width = t.hidden_size
         if "itc" in heads:

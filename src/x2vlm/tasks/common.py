@@ -153,14 +153,32 @@ def _existing_file_path(value: Any, key: str, where: str) -> str:
     return existing_path(str(value), key, where)
 
 
-def extra_eval_files_key(data: dict, where: str, fields: Sequence[str] = (), reserved: Sequence[str] = ("val", "test")
-                         ) -> dict[str, Any]:
+def file_or_language_files(value: Any, key: str, where: str) -> str | dict[str, str]:
+    """An existing file's path, or (multilingual tasks) a non-empty mapping language -> existing
+    file path; language names are made of letters, digits, ``_``, ``.`` and ``-``. Errors name
+    ``where`` and the key (``<key>.<language>``)."""
+    if not isinstance(value, dict):
+        return _existing_file_path(value, key, where)
+    if not value:
+        raise ValueError(f"{where}: key {key!r} must be a file path or a mapping language -> file path, got {{}}")
+    files = {}
+    for language, path in value.items():
+        if not isinstance(language, str) or not _SPLIT_NAME.fullmatch(language):
+            raise ValueError(f"{where}: key {key!r}: language {language!r} must be a non-empty string of letters, digits, "
+                             "'_', '.' and '-'")
+        files[language] = _existing_file_path(path, f"{key}.{language}", where)
+    return files
+
+
+def extra_eval_files_key(data: dict, where: str, fields: Sequence[str] = (), reserved: Sequence[str] = ("val", "test"),
+                         languages: bool = False) -> dict[str, Any]:
     """The optional ``extra_eval_files`` of a data section: split name -> what evaluating that split
     reads, in the configured order; ``{}`` when the key is absent or null.
 
     A value is an existing file's path or, when ``fields`` are given (captioning: ``("file", "gt")``),
     a mapping of those keys to existing paths: the first field required, the others optional (None
-    when absent or null). Split names are new names (not one of ``reserved``, the task's own
+    when absent or null). With ``languages`` a value may also be a mapping language -> path
+    (``file_or_language_files``). Split names are new names (not one of ``reserved``, the task's own
     splits) made of letters, digits, ``_``, ``.`` and ``-`` (they name result files). Errors name
     ``where`` and the key (``extra_eval_files.<split>[.<field>]``)."""
     extra = data.get(EXTRA_EVAL_FILES)
@@ -179,7 +197,7 @@ def extra_eval_files_key(data: dict, where: str, fields: Sequence[str] = (), res
                              f"'{name}' split; give the extra split another name")
         key = f"{EXTRA_EVAL_FILES}.{name}"
         if not fields:
-            result[name] = _existing_file_path(value, key, where)
+            result[name] = file_or_language_files(value, key, where) if languages else _existing_file_path(value, key, where)
             continue
         if not isinstance(value, dict) or value.get(fields[0]) is None or set(value) - set(fields):
             optional = "".join(f", {f}: ... (optional)" for f in fields[1:])

@@ -44,6 +44,29 @@ Data section of the fine-tuning YAML::
     rerank_batch_size: 256              # candidate pairs per fusion forward
     max_cached_images: 256              # images whose embeddings and K/V are held at once
     selection_metric: r_mean            # e.g. img_r_mean for text-to-video (official --pick_best_t2v)
+
+Multilingual retrieval (spec §4.7: XRetrieval on Multi30K / COCO multilingual, xFlickr&CO, WIT):
+``val_file``, ``test_file`` and any ``extra_eval_files`` entry may be a mapping language -> file::
+
+    train_files: [data/multi30k/train_en.json]          # any languages; one image id across files is one image
+    val_file: {en: data/multi30k/val_en.json, de: data/multi30k/val_de.json}
+    test_file: {en: data/multi30k/test_en.json, de: data/multi30k/test_de.json, fr: ..., cs: ...}
+    format: karpathy      # karpathy (default) | xflickrco | wit: the format of every train/eval file
+    image_root: data/flickr30k/images   # xflickrco: {coco: data/coco/images, flickr30k: data/flickr30k/images};
+                                        # wit: no image_root (the images are in the files)
+
+Such a split is evaluated language by language; its metrics are every language's, keyed
+``<language>/<metric>`` (``de/r_mean``), and every metric's mean over the languages under the
+plain name (``r_mean``, what the IGLUE tables report). So ``selection_metric: r_mean`` selects on
+the mean over languages of the validation ``r_mean`` (``de/r_mean`` selects on one language). The
+official xFlickrCO.py / WIT.py select on the mean of ``(txt_r1 + img_r1) / 2`` and XRetrieval.py on
+the test split's mean ``r_mean``; here selection is always on validation.
+
+Formats: ``xflickrco`` = IGLUE JSON lines ``{"sentences": [...], "id", "img_path"}``, one image per
+line (images under ``image_root.coco`` when the path contains ``COCO``, else under
+``image_root.flickr30k``); ``wit`` = IGLUE WIT JSON lines, one (image, caption) per line with
+``image_url``, ``image_content`` (base64 image file) and ``caption_reference_description``, lines
+grouped into images by URL. Training on these files gives one pair per caption.
 """
 
 from __future__ import annotations
@@ -62,7 +85,15 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from x2vlm.config import X2VLMConfig
-from x2vlm.data.readers import read_karpathy_eval, read_karpathy_train
+from x2vlm.data.readers import (
+    CaptionPair,
+    EvalImage,
+    pairs_of_eval_images,
+    read_karpathy_eval,
+    read_karpathy_train,
+    read_wit,
+    read_xflickrco,
+)
 from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform, swap_left_right
 from x2vlm.data.video import load_image, read_clip
@@ -80,13 +111,14 @@ from x2vlm.tasks.common import (
     check_keys,
     crop_scale_key,
     extra_eval_files_key,
+    file_or_language_files,
     gather_tensors,
     model_device,
     positive_int_key,
     shard_range,
     string_key,
 )
-from x2vlm.tokenizer import WordPieceTokenizer
+from x2vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +195,7 @@ class FileVision:
     """Image or video files read when needed (``frame_len`` > 0: videos, frames at the official
     evaluation positions), so a gallery never has to fit in memory as pixels."""
 
-    paths: list[str]
+    paths: list[str | bytes]  # image / video paths, or encoded image files (WIT)
     res: int
     frame_len: int = 0
     source: str = "<eval file>"  # the dataset file, for error messages
@@ -196,13 +228,70 @@ class FileVision:
         return self.image(index)
 
 
+# -- file formats --------------------------------------------------------------------------------------
+DATA_FORMATS = ("karpathy", "xflickrco", "wit")
+XFLICKRCO_ROOTS = ("coco", "flickr30k")  # image_root keys of the xflickrco format
+# the image and text fields of the JSON-lines formats (named in error messages)
+IMAGE_FIELDS = {"xflickrco": "img_path", "wit": "image_content"}
+TEXT_FIELDS = {"xflickrco": "sentences", "wit": "caption_reference_description"}
+ImageRoot = str | dict[str, str] | None  # a folder; xflickrco: {coco: folder, flickr30k: folder}; wit: none
+
+
+def image_locations(path, names: list[str], data_format: str, image_root: ImageRoot, contents: dict[str, bytes] | None = None
+                    ) -> list[str | bytes]:
+    """Where each image of a file is: a path under ``image_root`` (xflickrco: COCO's root when the
+    path contains ``COCO``, else Flickr30K's, as the official xFlickrCO.py decides), or the image
+    file itself (wit: ``contents`` by URL)."""
+    if data_format == "wit":
+        return [contents[name] for name in names]
+    if data_format == "karpathy":
+        return [str(Path(image_root) / name) for name in names]
+    locations: list[str | bytes] = []
+    for name in names:
+        root_key = "coco" if "COCO" in name else "flickr30k"
+        if root_key not in image_root:
+            raise ValueError(f"{path}: image {name!r} is under image_root.{root_key}, which is not configured")
+        locations.append(str(Path(image_root[root_key]) / name))
+    return locations
+
+
+def read_eval_records(path, data_format: str = "karpathy", image_root: ImageRoot = None, vision_key: str = "image",
+                      text_key: str = "caption") -> tuple[list[EvalImage], list[str | bytes]]:
+    """The Karpathy-style records (image + its captions) of an evaluation file in ``data_format`` and
+    each record's image (a path, or for WIT the image file's bytes)."""
+    contents = None
+    if data_format == "karpathy":
+        items = read_karpathy_eval(path, vision_key=vision_key, text_key=text_key)
+    elif data_format == "xflickrco":
+        items = read_xflickrco(path)
+    elif data_format == "wit":
+        wit = read_wit(path)
+        items, contents = wit.images, wit.contents
+    else:
+        raise ValueError(f"{path}: unknown retrieval file format {data_format!r}; one of {list(DATA_FORMATS)}")
+    return items, image_locations(path, [item.image for item in items], data_format, image_root, contents)
+
+
+def read_train_records(path, data_format: str = "karpathy", image_root: ImageRoot = None, index_key: str = "image_id",
+                       vision_key: str = "image", text_key: str = "caption") -> tuple[list[CaptionPair], list[str | bytes]]:
+    """The training pairs (image, caption, image id) of a file in ``data_format`` and each pair's
+    image; xFlickr&CO and WIT records give one pair per caption (id: the record's id / the URL)."""
+    if data_format == "karpathy":
+        pairs = read_karpathy_train(path, index_key=index_key, vision_key=vision_key, text_key=text_key)
+        return pairs, image_locations(path, [pair.image for pair in pairs], data_format, image_root)
+    items, locations = read_eval_records(path, data_format, image_root)
+    location_of = {item.image: location for item, location in zip(items, locations)}  # WIT: one bytes object per URL
+    pairs = pairs_of_eval_images(items)
+    return pairs, [location_of[pair.image] for pair in pairs]
+
+
 # -- evaluation sets ---------------------------------------------------------------------------------
 @dataclass
 class RetrievalEvalSet:
     """An evaluation file: its vision items (loaded lazily), cleaned and tokenised texts, ground truth."""
 
     vision: VisionSource
-    names: list[str]  # image / video paths as written in the file
+    names: list[str]  # image / video paths as written in the file (WIT: the URLs)
     texts: list[str]
     text_ids: torch.Tensor
     text_mask: torch.Tensor
@@ -210,16 +299,19 @@ class RetrievalEvalSet:
     txt2img: list[int]
 
 
-def load_eval_set(path, image_root, res: int, tokenizer: WordPieceTokenizer, max_tokens: int = DEFAULT_MAX_TOKENS,
-                  frame_len: int = 0, vision_key: str | None = None, text_key: str = "caption") -> RetrievalEvalSet:
-    """A Karpathy-style evaluation file (``[{image, caption: [...]}]``); videos when ``frame_len`` > 0.
+def load_eval_set(path, image_root: ImageRoot, res: int, tokenizer: Tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS,
+                  frame_len: int = 0, vision_key: str | None = None, text_key: str = "caption", data_format: str = "karpathy"
+                  ) -> RetrievalEvalSet:
+    """An evaluation file: Karpathy-style (``[{image, caption: [...]}]``; videos when ``frame_len``
+    > 0), or xFlickr&CO / WIT JSON lines (``data_format``, see ``read_eval_records``).
 
     Texts go through ``pre_caption(max_tokens)``, are truncated to ``max_tokens`` tokens and padded
     to the longest one (padding does not change any output; the official code pads to max_tokens)."""
     vision_key = vision_key or ("video" if frame_len else "image")
-    items = read_karpathy_eval(path, vision_key=vision_key, text_key=text_key)
+    items, locations = read_eval_records(path, data_format, image_root, vision_key, text_key)
     if not items:
         raise ValueError(f"{path}: no evaluation item")
+    text_field = TEXT_FIELDS.get(data_format, text_key)
     texts, img2txt, txt2img = [], [], []
     for i, item in enumerate(items):
         img2txt.append([])
@@ -227,15 +319,14 @@ def load_eval_set(path, image_root, res: int, tokenizer: WordPieceTokenizer, max
             try:
                 cleaned = pre_caption(caption, max_tokens)
             except ValueError as err:
-                raise ValueError(f"{path}[{i}] field {text_key!r}[{k}]: {err}") from err
+                raise ValueError(f"{path}[{i}] field {text_field!r}[{k}]: {err}") from err
             img2txt[-1].append(len(texts))
             txt2img.append(i)
             texts.append(cleaned)
         if not img2txt[-1]:
-            raise ValueError(f"{path}[{i}] field {text_key!r}: no caption")
+            raise ValueError(f"{path}[{i}] field {text_field!r}: no caption")
     ids, mask = tokenizer(texts, max_length=max_tokens)
-    paths = [str(Path(image_root) / item.image) for item in items]
-    vision = FileVision(paths, res, frame_len, source=str(path), field=vision_key)
+    vision = FileVision(locations, res, frame_len, source=str(path), field=IMAGE_FIELDS.get(data_format, vision_key))
     return RetrievalEvalSet(vision, [item.image for item in items], texts, ids, mask, img2txt, txt2img)
 
 
@@ -577,7 +668,7 @@ class RetrievalTrainSet:
     """Caption pairs of one or more training files; ``get`` applies the train transform (one set of
     augmentation parameters per video clip) and the caption-aware flip."""
 
-    images: list[str]  # full paths
+    images: list[str | bytes]  # full paths, or encoded image files (WIT)
     captions: list[str]  # cleaned
     ids: list[int]
     sources: list[str]  # "file[k]" of each pair, for error messages
@@ -611,7 +702,7 @@ class RetrievalTrainSet:
 
 @dataclass
 class RetrievalCollate:
-    tokenizer: WordPieceTokenizer
+    tokenizer: Tokenizer
     max_tokens: int
 
     def __call__(self, samples: list[RetrievalSample]) -> RetrievalBatch:
@@ -619,23 +710,26 @@ class RetrievalCollate:
         return RetrievalBatch(torch.stack([s.pixels for s in samples]), ids, mask, torch.tensor([s.index for s in samples], dtype=torch.long))
 
 
-def load_train_set(files: list[str], image_root: str, transform: FinetuneTrainTransform, hflip: bool | str, max_tokens: int,
-                   frame_len: int, index_key: str, vision_key: str, text_key: str) -> RetrievalTrainSet:
-    """Pairs of every file; each distinct id (over all files) becomes a consecutive int."""
+def load_train_set(files: list[str], image_root: ImageRoot, transform: FinetuneTrainTransform, hflip: bool | str, max_tokens: int,
+                   frame_len: int, index_key: str, vision_key: str, text_key: str, data_format: str = "karpathy") -> RetrievalTrainSet:
+    """Pairs of every file; each distinct id (over all files) becomes a consecutive int, so the
+    same image in files of several languages is one id."""
     images, captions, ids, sources = [], [], [], []
     id_numbers: dict = {}
+    text_field = TEXT_FIELDS.get(data_format, text_key)
     for path in files:
-        for k, pair in enumerate(read_karpathy_train(path, index_key=index_key, vision_key=vision_key, text_key=text_key)):
+        pairs, locations = read_train_records(path, data_format, image_root, index_key, vision_key, text_key)
+        for k, (pair, location) in enumerate(zip(pairs, locations)):
             try:
                 captions.append(pre_caption(pair.caption, max_tokens))
             except ValueError as err:
-                raise ValueError(f"{path}[{k}] field {text_key!r}: {err}") from err
-            images.append(str(Path(image_root) / pair.image))
+                raise ValueError(f"{path}[{k}] field {text_field!r}: {err}") from err
+            images.append(location)
             ids.append(id_numbers.setdefault(pair.index, len(id_numbers)))
             sources.append(f"{path}[{k}]")
     if not captions:
         raise ValueError(f"training files {files}: no pair")
-    return RetrievalTrainSet(images, captions, ids, sources, transform, hflip, frame_len, vision_key)
+    return RetrievalTrainSet(images, captions, ids, sources, transform, hflip, frame_len, IMAGE_FIELDS.get(data_format, vision_key))
 
 
 # -- loss ----------------------------------------------------------------------------------------------
@@ -659,17 +753,60 @@ def retrieval_loss(model: X2VLM, batch: RetrievalBatch, generator: torch.Generat
 
 # -- the task ----------------------------------------------------------------------------------------
 DATA_KEYS = {"train_files", "val_file", "test_file", "extra_eval_files", "image_root", "video", "max_tokens", "k_test",
-             "crop_scale", "randaug", "hflip", "index_key", "vision_key", "text_key", "rerank_batch_size", "max_cached_images", "selection_metric"}
-REQUIRED_KEYS = ("train_files", "val_file", "test_file", "image_root")
+             "crop_scale", "randaug", "hflip", "index_key", "vision_key", "text_key", "rerank_batch_size", "max_cached_images",
+             "selection_metric", "format"}
+REQUIRED_KEYS = ("train_files", "val_file", "test_file")
+
+
+def image_root_key(data: dict, data_format: str, where: str) -> ImageRoot:
+    """``image_root``: a folder; for ``format: xflickrco`` a mapping ``{coco: folder, flickr30k:
+    folder}`` (either may be left out when no image needs it); for ``format: wit`` none (images are
+    in the files)."""
+    value = data.get("image_root")
+    if data_format == "wit":
+        if value is not None:
+            raise ValueError(f"{where}: key 'image_root': WIT files hold their images (image_content); remove the key")
+        return None
+    if value is None:
+        raise ValueError(f"{where}: missing key(s) ['image_root']")
+    if data_format == "xflickrco":
+        if not isinstance(value, dict) or not value or set(value) - set(XFLICKRCO_ROOTS):
+            raise ValueError(f"{where}: key 'image_root' must be a mapping with keys among {list(XFLICKRCO_ROOTS)} for format "
+                             f"xflickrco, got {value!r}")
+        roots = value
+    else:
+        roots = {"": string_key(data, "image_root", None, where)}
+    for name, root in roots.items():
+        if not isinstance(root, str) or not Path(root).is_dir():
+            raise FileNotFoundError(f"{where}: 'image_root{'.' + name if name else ''}' {root} is not a directory")
+    return value
+
+
+LANGUAGE_SEPARATOR = "/"  # per-language metric keys: "<language>/<metric>"
+
+
+def mean_over_languages(per_language: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every metric's mean over the languages under its plain name (what IGLUE tables report), then
+    each language's metrics as ``<language>/<metric>``."""
+    languages = list(per_language)
+    keys = list(per_language[languages[0]])
+    result = {key: float(np.mean([per_language[language][key] for language in languages])) for key in keys}
+    for language, metrics in per_language.items():
+        result.update({f"{language}{LANGUAGE_SEPARATOR}{key}": value for key, value in metrics.items()})
+    return result
 
 
 @dataclass
 class RetrievalTask:
-    """The evaluation settings and sets of one configured retrieval task (``evaluate`` and ``draw``)."""
+    """The evaluation settings and sets of one configured retrieval task (``evaluate`` and ``draw``).
 
-    eval_sets: dict[str, RetrievalEvalSet]
+    A split is one evaluation set, or (multilingual retrieval) a mapping language -> evaluation set,
+    whose metrics are those of every language and their means (``mean_over_languages``)."""
+
+    eval_sets: dict[str, RetrievalEvalSet | dict[str, RetrievalEvalSet]]
     settings: RerankSettings
-    # top hits of each text (text -> image) of the last evaluation of each split, for ``draw``
+    # top hits of each text (text -> image) of the last evaluation of each split (``split`` or
+    # ``split/language``), for ``draw``
     top_hits: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def evaluate(self, model: X2VLM, split: str, ctx: EvalContext) -> dict[str, float]:
@@ -678,20 +815,31 @@ class RetrievalTask:
     def _evaluate(self, model: X2VLM, split: str, ctx: EvalContext, sharding: Sharding) -> dict[str, float]:
         if split not in self.eval_sets:
             raise ValueError(f"retrieval: unknown split {split!r}; configured: {list(self.eval_sets)}")
-        eval_set = self.eval_sets[split]
+        sets = self.eval_sets[split]
+        if isinstance(sets, RetrievalEvalSet):
+            return self._evaluate_set(model, sets, split, ctx, sharding)
+        per_language = {language: self._evaluate_set(model, eval_set, f"{split}{LANGUAGE_SEPARATOR}{language}", ctx, sharding)
+                        for language, eval_set in sets.items()}
+        return mean_over_languages(per_language)
+
+    def _evaluate_set(self, model: X2VLM, eval_set: RetrievalEvalSet, name: str, ctx: EvalContext, sharding: Sharding) -> dict[str, float]:
         settings = RerankSettings(self.settings.k_test, ctx.batch_size, self.settings.rerank_batch_size, self.settings.max_cached_images)
         scores = two_stage_retrieval(model, eval_set.vision, eval_set.text_ids, eval_set.text_mask, settings, sharding, autocast=ctx.autocast)
-        self.top_hits[split] = scores.score_t2i.topk(min(DRAWN_HITS, len(eval_set.vision)), dim=1).indices
+        self.top_hits[name] = scores.score_t2i.topk(min(DRAWN_HITS, len(eval_set.vision)), dim=1).indices
         return flat_metrics(ranking_metrics(scores, eval_set.img2txt, eval_set.txt2img))
 
     def draw(self, model: X2VLM, out_dir: Path, ctx: EvalContext) -> list[Path]:
-        """One PNG of the test split (not of the extra splits): a few text queries, each with its
-        top-5 retrieved images (green frame: the ground truth, red: wrong), from the last evaluation
-        (or a new one)."""
+        """One PNG of the test split (one per language; not of the extra splits): a few text
+        queries, each with its top-5 retrieved images (green frame: the ground truth, red: wrong),
+        from the last evaluation (or a new one)."""
         split = "test"
-        if split not in self.top_hits:  # draw runs on the main rank only: evaluate in this process alone
+        sets = self.eval_sets[split]
+        named = {split: sets} if isinstance(sets, RetrievalEvalSet) else {
+            f"{split}{LANGUAGE_SEPARATOR}{language}": eval_set for language, eval_set in sets.items()}
+        if any(name not in self.top_hits for name in named):  # draw runs on the main rank only: evaluate in this process alone
             self._evaluate(model, split, ctx, Sharding())
-        return [draw_text_queries(self.eval_sets[split], self.top_hits[split], Path(out_dir) / f"retrieval_{split}.png")]
+        return [draw_text_queries(eval_set, self.top_hits[name], Path(out_dir) / f"retrieval_{name.replace(LANGUAGE_SEPARATOR, '_')}.png")
+                for name, eval_set in named.items()]
 
 
 def draw_text_queries(eval_set: RetrievalEvalSet, top_hits: torch.Tensor, out_png: Path, num_queries: int = DRAWN_QUERIES,
@@ -729,8 +877,9 @@ def _shorten(text: str, width_px: int, char_px: int = 6) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
-    """Retrieval fine-tuning on Karpathy-style (COCO, Flickr30K) or MSR-VTT-style (``video: true``) files."""
+def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: str) -> FinetuneTask:
+    """Retrieval fine-tuning on Karpathy-style (COCO, Flickr30K, Multi30K) or MSR-VTT-style (``video:
+    true``) files, or xFlickr&CO / WIT JSON lines (``format``); evaluation files per language."""
     check_keys(data, DATA_KEYS, where)
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
@@ -743,9 +892,12 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     frame_len = model_cfg.frame_len if video else 0
     if video and frame_len <= 0:
         raise ValueError(f"{where}: 'video' is true but model {model_cfg.name} has frame_len {model_cfg.frame_len}")
-    image_root = string_key(data, "image_root", None, where)
-    if not Path(image_root).is_dir():
-        raise FileNotFoundError(f"{where}: 'image_root' {image_root} is not a directory")
+    data_format = string_key(data, "format", "karpathy", where)
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"{where}: key 'format' {data_format!r} unknown; one of {list(DATA_FORMATS)}")
+    if video and data_format != "karpathy":
+        raise ValueError(f"{where}: 'video' is true but format {data_format!r} holds images")
+    image_root = image_root_key(data, data_format, where)
     hflip = data.get("hflip", True)
     if hflip not in HFLIP_MODES or (hflip != "swap" and not isinstance(hflip, bool)):
         raise ValueError(f"{where}: 'hflip' must be true (caption-aware), false or 'swap', got {hflip!r}")
@@ -757,10 +909,13 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         rerank_batch_size=positive_int_key(data, "rerank_batch_size", DEFAULT_RERANK_BATCH, where),
         max_cached_images=positive_int_key(data, "max_cached_images", DEFAULT_MAX_CACHED_IMAGES, where),
     )
-    split_files = {"val": string_key(data, "val_file", None, where), "test": string_key(data, "test_file", None, where),
-                   **extra_eval_files_key(data, where)}
+    split_files = {"val": file_or_language_files(data["val_file"], "val_file", where),
+                   "test": file_or_language_files(data["test_file"], "test_file", where),
+                   **extra_eval_files_key(data, where, languages=True)}
     selection_metric = string_key(data, "selection_metric", "r_mean", where)
     known_metrics = [prefix + key for prefix in ("", "itc_", "itm_plus_itc_") for key in RECALL_KEYS]
+    if isinstance(split_files["val"], dict):  # one language's metric may be chosen too
+        known_metrics += [f"{language}{LANGUAGE_SEPARATOR}{key}" for language in split_files["val"] for key in known_metrics]
     if selection_metric not in known_metrics:
         raise ValueError(f"{where}: 'selection_metric' {selection_metric!r} unknown; one of {known_metrics}")
     vision_key = string_key(data, "vision_key", "video" if video else "image", where)
@@ -768,11 +923,19 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     text_key = string_key(data, "text_key", "caption", where)
     transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where), randaug=bool_key(data, "randaug", True, where),
                                        hflip=hflip is not False)
-    train_set = load_train_set(train_files, image_root, transform, hflip, max_tokens, frame_len, index_key, vision_key, text_key)
-    eval_sets = {split: load_eval_set(path, image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len, vision_key, text_key)
-                 for split, path in split_files.items()}
+    train_set = load_train_set(train_files, image_root, transform, hflip, max_tokens, frame_len, index_key, vision_key, text_key,
+                               data_format)
+
+    def load(path: str) -> RetrievalEvalSet:
+        return load_eval_set(path, image_root, model_cfg.image_res, tokenizer, max_tokens, frame_len, vision_key, text_key, data_format)
+
+    eval_sets = {split: {language: load(path) for language, path in files.items()} if isinstance(files, dict) else load(files)
+                 for split, files in split_files.items()}
+    described = [f"{name} {len(s.vision)} x {len(s.texts)} texts" for split, sets in eval_sets.items()
+                 for name, s in ({split: sets} if isinstance(sets, RetrievalEvalSet) else
+                                 {f"{split}{LANGUAGE_SEPARATOR}{language}": s for language, s in sets.items()}).items()]
     log.info("retrieval: %d training pairs of %d %s; %s", len(train_set), len(set(train_set.ids)), "videos" if video else "images",
-             ", ".join(f"{split} {len(s.vision)} x {len(s.texts)} texts" for split, s in eval_sets.items()))
+             ", ".join(described))
     task = RetrievalTask(eval_sets, settings)
     return FinetuneTask(
         name="retrieval",

@@ -33,7 +33,7 @@ from x2vlm.checkpoint import from_pretrained, save_pretrained
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, preset
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tasks.common import EvalContext, FinetuneTask
-from x2vlm.tokenizer import WordPieceTokenizer
+from x2vlm.tokenizer import Tokenizer, model_tokenizer
 from x2vlm.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from x2vlm.train.metrics import MetricsWriter, count_step_flops, measure_matmul_peak
 from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
@@ -58,7 +58,7 @@ BEST = "best"  # directory under out_dir holding the selected weights
 @dataclass
 class FinetuneConfig:
     task: str
-    model: str = "x2vlm-small"  # preset name or a config.json path
+    model: str = "x2vlm-small"  # preset name, a config.json path, or a model directory (its config.json and tokenizer)
     model_changes: dict[str, Any] = field(default_factory=dict)
     init: str | list[str] = "scratch"  # scratch | minilm | bert:<HF dir> | beit2:<file> | official:<file> | ours:<dir>
     data: dict[str, Any] = field(default_factory=dict)  # the task's own section
@@ -108,12 +108,34 @@ def config_to_yaml(cfg: FinetuneConfig) -> str:
 
 
 # -- task and model ---------------------------------------------------------------------------------
+def model_directory(cfg: FinetuneConfig) -> Path | None:
+    """The directory of the configured model's ``config.json`` (where its tokenizer files are), or
+    None for a preset."""
+    if cfg.model.endswith(".json"):
+        return Path(cfg.model).parent
+    if Path(cfg.model).is_dir():
+        return Path(cfg.model)
+    return None
+
+
 def base_model_config(cfg: FinetuneConfig) -> X2VLMConfig:
-    model_cfg = X2VLMConfig.load(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
+    directory = model_directory(cfg)
+    if directory is None:
+        model_cfg = preset(cfg.model)
+    else:
+        model_cfg = X2VLMConfig.load(cfg.model if cfg.model.endswith(".json") else directory / "config.json")
     return model_cfg.replace(**cfg.model_changes) if cfg.model_changes else model_cfg
 
 
-def build_task(cfg: FinetuneConfig, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer) -> FinetuneTask:
+def run_tokenizer(cfg: FinetuneConfig, model_cfg: X2VLMConfig) -> Tokenizer:
+    """The tokenizer of the run: what ``model_changes`` names, else the configured model directory's
+    own tokenizer files, else its config's ``tokenizer``."""
+    if "tokenizer" in cfg.model_changes:
+        return model_tokenizer(None, model_cfg.tokenizer)
+    return model_tokenizer(model_directory(cfg), model_cfg.tokenizer)
+
+
+def build_task(cfg: FinetuneConfig, model_cfg: X2VLMConfig, tokenizer: Tokenizer) -> FinetuneTask:
     module = importlib.import_module(TASK_MODULES[cfg.task])
     return module.build_task(cfg.data, model_cfg, tokenizer, f"task {cfg.task}: data")
 
@@ -195,7 +217,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_cfg = base_model_config(cfg)
-    tokenizer = WordPieceTokenizer.from_name_or_path(base_cfg.tokenizer)
+    tokenizer = run_tokenizer(cfg, base_cfg)
     task = build_task(cfg, base_cfg, tokenizer)
     model, new_params = build_model(cfg, task, base_cfg)
     model.to(dist_info.device)
@@ -301,7 +323,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
 
 
 def finish(cfg: FinetuneConfig, task: FinetuneTask, out_dir: Path, ctx: EvalContext, history: list, best: dict,
-           tokenizer: WordPieceTokenizer) -> dict[str, Any]:
+           tokenizer: Tokenizer) -> dict[str, Any]:
     """Load the selected weights, evaluate every split once, draw pictures, write ``metrics.json``."""
     model = from_pretrained(out_dir / BEST).to(ctx.dist_info.device)
     results = evaluate_splits(model, task, task.eval_splits, ctx)
@@ -321,7 +343,7 @@ def run_evaluation(cfg: FinetuneConfig, checkpoint: str | Path, out_dir: str | P
     """Evaluate a model directory on every split of the config's task; writes ``eval_metrics.json``."""
     dist_info = init_distributed()
     model = from_pretrained(checkpoint).to(dist_info.device)
-    tokenizer = WordPieceTokenizer.from_name_or_path(checkpoint if (Path(checkpoint) / "vocab.txt").exists() else model.cfg.tokenizer)
+    tokenizer = model_tokenizer(checkpoint, model.cfg.tokenizer)
     task = build_task(cfg, model.cfg, tokenizer)
     if model.cfg.task != task.model_task:
         raise ValueError(f"{checkpoint}: a {model.cfg.task!r} model; task {cfg.task} needs a {task.model_task!r} model "
@@ -337,12 +359,12 @@ def run_evaluation(cfg: FinetuneConfig, checkpoint: str | Path, out_dir: str | P
     return results
 
 
-def _save_best(model: X2VLM, out_dir: Path, tokenizer: WordPieceTokenizer, files: dict[str, Any] | None = None) -> None:
+def _save_best(model: X2VLM, out_dir: Path, tokenizer: Tokenizer, files: dict[str, Any] | None = None) -> None:
     """Write the selected weights (and the task's ``inference_files`` as JSON) to ``best/`` via a
     staging directory and a rename."""
     staging, final = out_dir / f".staging_{BEST}", out_dir / BEST
     shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(model, staging, tokenizer_files={"vocab.txt": tokenizer.vocab_file})
+    save_pretrained(model, staging, tokenizer_files=tokenizer.files)
     for name, content in (files or {}).items():
         (staging / name).write_text(json.dumps(content) + "\n")
     old = out_dir / f".old_{BEST}"

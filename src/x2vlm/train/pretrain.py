@@ -24,7 +24,7 @@ from x2vlm import objectives as O
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
 from x2vlm.models.x2vlm import X2VLM
-from x2vlm.tokenizer import WordPieceTokenizer
+from x2vlm.tokenizer import load_tokenizer
 from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
 from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
@@ -287,7 +287,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         raise ValueError("config: no data source (images, regions, videos or texts) is configured")
     model, new_params = build_model(cfg)
     model.to(dist_info.device)
-    tokenizer = WordPieceTokenizer.from_name_or_path(model.cfg.tokenizer)
+    tokenizer = load_tokenizer(model.cfg.tokenizer)
     start_step, data_states, rng, state = 0, {}, None, None
     resume_dir = Path(resume) if resume else latest_checkpoint(out_dir)
     if resume_dir is not None:
