@@ -13,23 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
-import time
 
 import torch
 
 from x2vlm import X2VLM, preset
-from x2vlm.train.metrics import measure_matmul_peak
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+from x2vlm.train.metrics import measure_matmul_peak, source_commit, time_runs
 
 
 def main() -> None:
@@ -61,7 +49,7 @@ def main() -> None:
         v, vm = model.encode_images(images)
         model.itm_logits(model.fuse(model.encode_text(pair_ids, pair_mask), pair_mask, v, vm))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = source_commit()
     print(f"preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), image_res {cfg.image_res}, "
           f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, commit {commit}")
     peaks = {p: measure_matmul_peak(torch.device("cpu"), p, size=1024) for p in ("fp32", "bf16")}
@@ -79,7 +67,7 @@ def main() -> None:
             ("image-text pairs, ITM", pairs, args.image_batch),
         ):
             with torch.inference_mode(), ctx:
-                times = timed(fn, args.repeats)
+                times = time_runs(fn, args.repeats)
             rates = sorted(count / t for t in times)
             print(f"{precision:10s} {name:28s} {statistics.median(rates):17.1f} {rates[0]:8.1f} {rates[-1]:8.1f}")
 

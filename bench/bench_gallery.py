@@ -44,7 +44,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the encoders' progress bars
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -57,6 +56,7 @@ import x2vlm  # noqa: E402
 from x2vlm import X2VLM, preset, save_pretrained  # noqa: E402
 from x2vlm import inference  # noqa: E402
 from x2vlm.inference import GalleryIndex  # noqa: E402
+from x2vlm.train.metrics import source_commit  # noqa: E402
 from x2vlm.train.pretrain import cpu_has_bf16_matmul  # noqa: E402
 
 logger = logging.getLogger("bench_gallery")
@@ -232,7 +232,7 @@ def main() -> None:
     args.k_tests = [int(k) for k in args.k_tests.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = source_commit()
     precisions = args.precisions.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), commit {commit}")
     if "bf16" in precisions and not cpu_has_bf16_matmul():

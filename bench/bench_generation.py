@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch
 
 from x2vlm import X2VLM, preset
 from x2vlm.generation import CaptionSettings, beam_search, greedy_caption, rank_answers
+from x2vlm.train.metrics import source_commit
 from x2vlm.train.pretrain import cpu_has_bf16_matmul
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = source_commit()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, preset {args.preset}")
     precisions = args.precisions.split(",")
     if "bf16" in precisions and not cpu_has_bf16_matmul():

@@ -12,15 +12,14 @@ AVX512-BF16), bf16 workloads are skipped unless --force-bf16 is given.
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import time
+from contextlib import nullcontext
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
 from x2vlm import X2VLM, preset
-from x2vlm.train.metrics import count_step_flops, measure_matmul_peak
+from x2vlm.train.metrics import Spread, count_step_flops, measure_matmul_peak, source_commit, time_runs
 from x2vlm.train.optim import OptimizerConfig, build_optimizer
 from x2vlm.train.pretrain import aligning_losses
 
@@ -35,6 +34,45 @@ def synthetic_batch(cfg, batch: int, text_len: int, masks: int) -> SimpleNamespa
                            text_mask=torch.ones_like(ids), masked_ids=masked, masked_pos=pos, masked_targets=ids.gather(1, pos))
 
 
+def precision_context(precision: str, device: str = "cpu"):
+    """The one place a benchmark picks its precision: bf16 autocast, or fp32 as is."""
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; fp32 or bf16")
+    return nullcontext()
+
+
+def pretrain_step(model: X2VLM, optimizer, batch: SimpleNamespace, precision: str) -> Callable[[], None]:
+    """One W1 step: ITC + ITM (hard negatives) + MLM forward in ``precision``, backward, optimizer step."""
+
+    def step() -> None:
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        with precision_context(precision):
+            vision, vmask = model.encode_images(batch.images)
+            losses = aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def pretrain_forward(model: X2VLM, batch: SimpleNamespace, precision: str) -> Callable[[], None]:
+    """W2: the same losses in eval mode, without gradients."""
+
+    @torch.no_grad()
+    def forward() -> None:
+        generator = torch.Generator().manual_seed(0)
+        model.eval()
+        with precision_context(precision):
+            vision, vmask = model.encode_images(batch.images)
+            aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
+
+    return forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="x2vlm-small,x2vlm-base")
@@ -46,7 +84,7 @@ def main() -> None:
     parser.add_argument("--force-bf16", action="store_true")
     args = parser.parse_args()
     device = torch.device("cpu")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = source_commit()
     peaks = {p: measure_matmul_peak(device, p, size=1024) for p in args.precisions.split(",")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}")
     print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
@@ -60,26 +98,11 @@ def main() -> None:
         optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
         batch = synthetic_batch(model.cfg, args.batch, args.text_len, args.masks)
         for precision, peak in peaks.items():
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-            def step():
-                generator = torch.Generator().manual_seed(0)
-                with autocast:
-                    vision, vmask = model.encode_images(batch.images)
-                    losses = aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
-                sum(losses.values()).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            _, flops = count_step_flops(step)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            med = statistics.median(times)
-            print(f"{name:12s} {precision:9s} {med:15.3f} {min(times):7.3f} {max(times):7.3f} {args.batch / med:10.2f} "
-                  f"{flops / 1e12:11.3f} {flops / med / peak:6.1%}")
+            step = pretrain_step(model, optimizer, batch, precision)
+            _, flops = count_step_flops(step)  # also the warm-up
+            t = Spread.of(time_runs(step, args.repeats, warmup=0))
+            print(f"{name:12s} {precision:9s} {t.median:15.3f} {t.min:7.3f} {t.max:7.3f} {args.batch / t.median:10.2f} "
+                  f"{flops / 1e12:11.3f} {flops / t.median / peak:6.1%}")
 
 
 if __name__ == "__main__":

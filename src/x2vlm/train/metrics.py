@@ -1,17 +1,20 @@
 """Metrics: JSON lines (always), TensorBoard (when installed); FLOPs and the machine's matmul peak
-for model-FLOPs utilisation."""
+for model-FLOPs utilisation; the helpers the benchmarks share (timing, peak resident memory, the
+source commit)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,29 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that
+# ``scaled_dot_product_attention`` dispatches to. Counted like the explicit path: two matmuls forward,
+# four backward (the kernel's recomputation of the scores is not model work), so fused and explicit
+# attention count the same FLOPs and utilisation compares with the official count.
+_EXTRA_FLOP_FORMULAS = {
+    getattr(torch.ops.aten, name): formula
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_flops),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward_flops))
+    if hasattr(torch.ops.aten, name)
+}
+
+
 def count_step_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run ``fn`` (forward + backward) under torch's FLOP counter; returns its result and the FLOPs."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         result = fn()
     return result, counter.get_total_flops()
 
@@ -61,19 +84,111 @@ def measure_matmul_peak(device: torch.device, precision: str, size: int | None =
 
 @functools.lru_cache(maxsize=None)
 def _matmul_peak(device: torch.device, precision: str, size: int | None, repeats: int) -> float:
+    return max(matmul_rates(device, precision, size, repeats))
+
+
+def matmul_rates(device: torch.device | str, precision: str, size: int | None = None, repeats: int = 5) -> list[float]:
+    """FLOP/s of each of ``repeats`` timed square matmuls (after one untimed), fp32 or bf16 inputs."""
+    device = torch.device(device)
     size = size or (4096 if device.type == "cuda" else 2048)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    a @ b
-    best = float("inf")
+    times = time_runs(lambda: a @ b, repeats, device=device)
+    return [2 * size**3 / t for t in times]
+
+
+# -- shared by the benchmarks ------------------------------------------------------------------------
+def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | str = "cpu") -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, min and max of a list of measurements."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread":
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-resident-memory window for ``peak_rss`` (Linux ``clear_refs`` 5); False
+    where that is not possible (then ``peak_rss`` is the peak since the process started)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """Peak resident memory (bytes) of this process since start or the last ``reset_peak_rss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def source_commit(start: str | Path | None = None) -> str:
+    """Short hash of the checked-out commit of the repository holding ``start`` (default: this
+    package), read from ``.git`` without running git; ``"unknown"`` outside a repository. Uncommitted
+    changes are not detected."""
+    here = Path(start or __file__).resolve()
+    for folder in [here, *here.parents]:
+        git = folder / ".git"
+        if git.is_file():  # worktree or submodule: "gitdir: <path>"
+            text = git.read_text().strip()
+            if not text.startswith("gitdir:"):
+                return "unknown"
+            git = (folder / text.split(":", 1)[1].strip()).resolve()
+        if not git.is_dir():
+            continue
+        try:
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref:"):
+                return head[:7]
+            ref = head.split(":", 1)[1].strip()
+            common = git / "commondir"
+            roots = [git] + ([(git / common.read_text().strip()).resolve()] if common.is_file() else [])
+            for root in roots:
+                if (root / ref).is_file():
+                    return (root / ref).read_text().strip()[:7]
+                packed = root / "packed-refs"
+                if packed.is_file():
+                    for line in packed.read_text().splitlines():
+                        if line.endswith(" " + ref):
+                            return line.split()[0][:7]
+        except OSError:
+            pass
+        return "unknown"
+    return "unknown"

@@ -1,0 +1,187 @@
+"""The fused attention path (``scaled_dot_product_attention``) equals the explicit one (scores,
+softmax, probabilities @ values): outputs and gradients, fp32, with padding masks and relative
+position bias; dropout still applies in training; the FLOP counter sees the fused CPU kernel.
+No timing here (bench/bench_speed.py measures)."""
+
+import pytest
+import torch
+from conftest import build_tiny
+
+from x2vlm.models import bert
+from x2vlm.models.layers import CROSS_ATTENTION_MASK_VALUE, SELF_ATTENTION_MASK_VALUE, attention, padding_bias
+from x2vlm.train.metrics import Spread, count_step_flops, source_commit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def explicit_attention(q, k, v, bias=None, dropout_p=0.0, return_probs=False):
+    """``attention`` forced onto its explicit path (what ``return_probs`` selects)."""
+    out, probs = attention(q, k, v, bias, dropout_p=dropout_p, return_probs=True)
+    return out, probs if return_probs else None
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(fused: dict, explicit: dict) -> None:
+    assert fused.keys() == explicit.keys() and fused
+    for name in fused:
+        torch.testing.assert_close(fused[name], explicit[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "padding", "relative_position"])
+def test_attention_function_paths_agree_with_gradients(bias_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 8, generator=g, dtype=torch.float64).float().requires_grad_() for _ in range(3))
+    bias = None
+    if bias_kind == "padding":  # (B, 1, 1, L): the text masks; the fused CPU kernel takes it
+        mask = torch.ones(3, 7)
+        mask[1, 5:] = 0
+        mask[2, 2:] = 0
+        bias = padding_bias(mask, SELF_ATTENTION_MASK_VALUE)
+    elif bias_kind == "relative_position":  # (1, heads, L, L), learnt: needs its own gradient
+        bias = (0.5 * torch.randn(1, 4, 7, 7, generator=g)).requires_grad_()
+    leaves = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
+    results = []
+    for return_probs in (False, True):
+        out, probs = attention(q, k, v, bias, return_probs=return_probs)
+        assert (probs is None) != return_probs
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        results.append((out.detach(), torch.autograd.grad((out * weights).sum(), leaves)))
+    (fused_out, fused_grads), (explicit_out, explicit_grads) = results
+    torch.testing.assert_close(fused_out, explicit_out, atol=ATOL, rtol=RTOL)
+    for fused, explicit in zip(fused_grads, explicit_grads):
+        torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=RTOL)
+
+
+def test_vision_trunk_fused_equals_explicit_with_relative_position_bias(tiny_state):
+    """``output_attentions=True`` takes the explicit path in every block; the relative position bias
+    tables are learnt, so their gradients are compared too."""
+    vision = build_tiny("pretrain", tiny_state).vision_encoder  # eval: no stochastic depth
+    for block in vision.blocks:  # the fixture's tables are zeros: make the bias matter
+        torch.nn.init.normal_(block.attn.relative_position_bias_table, std=0.5, generator=torch.Generator().manual_seed(2))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(4))
+    outputs, gradients = [], []
+    for explicit in (False, True):
+        vision.zero_grad(set_to_none=True)
+        out = vision(images, output_attentions=explicit)
+        out = out[0] if explicit else out
+        (out * weights).sum().backward()
+        outputs.append(out.detach())
+        gradients.append(grads(vision))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=RTOL)
+    assert_same_grads(*gradients)
+    assert "blocks.0.attn.relative_position_bias_table" in gradients[0]
+    with torch.no_grad():  # without gradients the bias is a plain float mask of the fused kernel
+        torch.testing.assert_close(vision(images), vision(images, output_attentions=True)[0], atol=ATOL, rtol=RTOL)
+
+
+def test_text_and_fusion_fused_equal_explicit_with_padding_masks(tiny_state, monkeypatch):
+    """Text encoder and fusion layers with padded texts and a partly masked vision side (region
+    masks), fused against explicit attention: outputs and the gradients of every parameter."""
+    model = build_tiny("pretrain", tiny_state).eval()  # eval: no dropout, so both paths are deterministic
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(104, 512, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    ids = ids * mask
+    images = torch.randn(3, 3, 64, 64, generator=g)
+    vision_mask = torch.ones(3, 17, dtype=torch.long)
+    vision_mask[0, 9:] = 0
+    vision_mask[2, 1:5] = 0
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        vision, _ = model.encode_images(images)
+        text = model.encode_text(ids, mask)
+        fused = model.fuse(text, mask, vision, vision_mask)
+        loss = (fused * torch.linspace(-1, 1, fused.shape[-1])).sum() + model.itm_logits(fused).sum()
+        loss.backward()
+        return fused.detach(), grads(model)
+
+    fused_out, fused_grads = run()
+    monkeypatch.setattr(bert, "attention", explicit_attention)
+    explicit_out, explicit_grads = run()
+    torch.testing.assert_close(fused_out, explicit_out, atol=ATOL, rtol=RTOL)
+    assert_same_grads(fused_grads, explicit_grads)
+    assert any("crossattention.self.key" in name for name in fused_grads)
+
+
+def test_cached_cross_kv_fused_equals_explicit(tiny_state, monkeypatch):
+    """The retrieval re-ranking path (cached image-side keys/values, rows gathered per text)."""
+    model = build_tiny("retrieval", tiny_state)
+    g = torch.Generator().manual_seed(6)
+    vision, vision_mask = model.encode_images(torch.randn(2, 3, 64, 64, generator=g))
+    ids = torch.randint(104, 512, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 4:] = 0
+    rows = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        text = model.encode_text(ids, mask)
+        fused = model.fuse(text, mask, None, vision_mask[rows], cross_kv=model.cross_attention_kv(vision).select(rows))
+        monkeypatch.setattr(bert, "attention", explicit_attention)
+        explicit = model.fuse(text, mask, vision[rows], vision_mask[rows])
+    torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=RTOL)
+
+
+def test_attention_dropout_applies_in_training_only(tiny_state):
+    cfg = build_tiny("pretrain", tiny_state).cfg.text
+    cfg.attention_dropout = 0.5
+    layer = bert.MultiHeadAttention(cfg, cfg.hidden_size, drop_path=0.0)
+    layer.output.dropout.p = 0.0  # only the attention probabilities drop
+    x = torch.randn(2, 6, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
+    bias = padding_bias(torch.ones(2, 6), SELF_ATTENTION_MASK_VALUE)
+    layer.eval()
+    reference = layer(x, x, bias)
+    torch.testing.assert_close(layer(x, x, bias), reference)  # eval: deterministic
+    layer.train()
+    torch.manual_seed(0)
+    first = layer(x, x, bias)
+    torch.manual_seed(1)
+    second = layer(x, x, bias)
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)
+    first.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.self.parameters())
+
+
+def test_cross_attention_mask_value_hides_tokens_in_the_fused_path():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=g) for _ in range(3))
+    mask = torch.tensor([[1, 1, 0]])
+    out, _ = attention(q, k, v, padding_bias(mask, CROSS_ATTENTION_MASK_VALUE))
+    expected, _ = attention(q, k[:, :, :2], v[:, :, :2])
+    torch.testing.assert_close(out, expected)
+
+
+def test_flop_counter_counts_fused_attention_like_explicit():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).requires_grad_() for _ in range(3))
+    bias = padding_bias(torch.ones(2, 16), SELF_ATTENTION_MASK_VALUE)
+    counts = []
+    for return_probs in (False, True):
+        def step(return_probs=return_probs):
+            out, _ = attention(q, k, v, bias, return_probs=return_probs)
+            out.sum().backward()
+
+        counts.append(count_step_flops(step)[1])
+    forward = 2 * (2 * 2 * 4 * 16 * 16 * 8)  # two batched matmuls
+    assert counts[1] >= 3 * forward  # explicit: forward + the backward's four matmuls
+    assert counts[0] == counts[1]
+
+
+def test_spread_and_source_commit(tmp_path):
+    assert Spread.of([3.0, 1.0, 2.0]) == Spread(2.0, 1.0, 3.0, 3)
+    git = tmp_path / "repo" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    (tmp_path / "repo" / "src").mkdir()
+    assert source_commit(tmp_path / "repo" / "src") == "0123456"
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text("# pack-refs\nfedcba9876543210fedcba9876543210fedcba98 refs/heads/main\n")
+    assert source_commit(tmp_path / "repo") == "fedcba9"
