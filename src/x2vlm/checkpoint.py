@@ -221,8 +221,15 @@ def pretrain_to_task(native: dict[str, torch.Tensor], cfg: X2VLMConfig) -> tuple
 
 
 def _answer_decoder_from_fusion(native: dict[str, torch.Tensor], cfg: X2VLMConfig) -> dict[str, torch.Tensor]:
-    fusion_start = cfg.text.fusion_start
-    num_fusion = cfg.text.num_layers - fusion_start
+    """Decoder layers from the fusion layers (``text_encoder.encoder.layer.<fusion_start + d>``, or
+    with a separate cross encoder ``cross_encoder.encoder.layer.<d>`` as ``XVLMPlusForVQA`` does),
+    embeddings from the text encoder's and the head from the MLM head where the checkpoint has them.
+    (The official XVLMPlus decoder trains its embeddings and LM head from scratch; here they start
+    from the text encoder's word embeddings, a better start for the same vocabulary.)"""
+    if cfg.cross_num_layers:
+        fusion_start, num_fusion, layer_prefix = 0, cfg.cross_num_layers, "cross_encoder.encoder.layer."
+    else:
+        fusion_start, num_fusion, layer_prefix = cfg.text.fusion_start, cfg.text.num_layers - cfg.text.fusion_start, "text_encoder.encoder.layer."
     if cfg.num_dec_layers == num_fusion:
         source = {d: fusion_start + d for d in range(cfg.num_dec_layers)}
     elif 2 * cfg.num_dec_layers == num_fusion:
@@ -233,7 +240,7 @@ def _answer_decoder_from_fusion(native: dict[str, torch.Tensor], cfg: X2VLMConfi
         raise ValueError("answer decoder initialisation needs vision width == text width (cross-attention K/V reuse)")
     out: dict[str, torch.Tensor] = {}
     for d, layer in source.items():
-        prefix = f"text_encoder.encoder.layer.{layer}."
+        prefix = f"{layer_prefix}{layer}."
         for key, value in native.items():
             if key.startswith(prefix):
                 out[f"answer_decoder.encoder.layer.{d}." + key[len(prefix):]] = value.clone()

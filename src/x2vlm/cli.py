@@ -115,6 +115,15 @@ def cmd_convert_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_marvl(args: argparse.Namespace) -> int:
+    """IGLUE MaRVL JSON lines -> the NLVR2 json ``x2vlm finetune nlvr`` evaluates (one per language)."""
+    from x2vlm.tasks.nlvr import convert_marvl
+
+    counts = convert_marvl(args.src, args.out, "fewshot" if args.fewshot else "official", args.root, args.language)
+    log.info("%s -> %s", ", ".join(f"{lang}: {n} statements" for lang, n in counts.items()), args.out)
+    return 0
+
+
 def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     """Zero-shot or fine-tuned retrieval recalls of a model directory on a Karpathy-style file."""
     import json
@@ -199,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-prefix", default="", help="prepended to every image path")
     p.add_argument("--image-template", help="image file name template (default: COCO naming from data_subtype and image_id)")
     p.set_defaults(func=cmd_convert_vqa)
+
+    p = sub.add_parser("convert-marvl", help="IGLUE MaRVL JSON lines -> the NLVR2 json the nlvr task evaluates (MaRVL)")
+    p.add_argument("src", help="e.g. marvl-id.jsonl (caption, label, left_img, right_img, language, concept)")
+    p.add_argument("out", help="NLVR2-style json to write")
+    p.add_argument("--fewshot", action="store_true",
+                   help="few-shot layout: images under ROOT/marvl_fewshot/<lang>/all/ (default: ROOT/marvl_official/<lang>/images/<concept>/)")
+    p.add_argument("--root", default="images", help="the folder holding marvl_official/ and marvl_fewshot/ (default images)")
+    p.add_argument("--language", help="check that every record is of this language")
+    p.set_defaults(func=cmd_convert_marvl)
 
     p = sub.add_parser("evaluate-retrieval", help="retrieval recalls (ITC, ITM re-ranked, ITM+ITC) of a model directory")
     p.add_argument("--checkpoint", required=True, help="an x2vlm model directory, or a run directory (its latest checkpoint)")

@@ -586,6 +586,123 @@ def read_nlvr2(path: PathLike) -> list[NLVR2Example]:
     return examples
 
 
+# --- IGLUE: XVNLI, xGQA, MaRVL ------------------------------------------------------------------
+
+#: XVNLI label names -> class index (official XVNLI.py); other labels ("-") are skipped.
+XVNLI_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}
+
+
+@dataclass(frozen=True)
+class XVNLIExample:
+    image_id: str  # the Flickr30K image id: the image is ``<image_root>/<image_id>.jpg``
+    hypothesis: str
+    label: int  # XVNLI_LABELS
+
+
+def read_xvnli(path: PathLike) -> tuple[list[XVNLIExample], int]:
+    """IGLUE XVNLI JSON lines ``{"Flikr30kID", "sentence2", "gold_label"}`` (the official spelling
+    of ``Flikr30kID``; a ``.jpg`` suffix of the id is dropped). Returns the examples and the number of
+    lines skipped for a label outside ``XVNLI_LABELS`` (the official script skips them too)."""
+    examples, skipped = [], 0
+    for number, data in iter_json_lines(path):
+        fields = _Fields(data, f"{path}:{number}")
+        image_id = str(fields.identifier("Flikr30kID"))
+        hypothesis = fields.string("sentence2")
+        label = fields.require("gold_label")
+        if not isinstance(label, str):
+            raise fields.fail("gold_label", f"one of {sorted(XVNLI_LABELS)} (other strings are skipped)")
+        if label not in XVNLI_LABELS:
+            skipped += 1
+            continue
+        examples.append(XVNLIExample(image_id.removesuffix(".jpg"), hypothesis, XVNLI_LABELS[label]))
+    return examples, skipped
+
+
+def _gqa_labels(fields: _Fields, name: str) -> dict[str, float]:
+    value = fields.require(name)
+    if (not isinstance(value, dict) or not value or not all(isinstance(k, str) and k.strip() for k in value)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values())):
+        raise fields.fail(name, "a non-empty mapping answer -> positive score")
+    return {k: float(v) for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class GQAExample:
+    question_id: int | str
+    image_id: str  # the image is ``<image_root>/<image_id>.jpg``
+    question: str
+    answers: dict[str, float]  # answer -> score, the first one is the label accuracy is measured against
+
+
+def read_gqa(path: PathLike) -> list[GQAExample]:
+    """xGQA / GQA annotations in either published form:
+
+    * a JSON list (LXMERT / IGLUE few-shot style) of ``{"img_id", "sent", "label": {answer: score},
+      "question_id" (optional: the list index)}``;
+    * a JSON object keyed by question id (the GQA balanced-questions style of the IGLUE test files)
+      of ``{"imageId", "question", "answer"}`` (the answer scores 1).
+    """
+    data = read_json(path)
+    examples = []
+    if isinstance(data, list):
+        for k, record in enumerate(data):
+            fields = _Fields(record, f"{path}[{k}]")
+            question_id = fields.identifier("question_id") if fields.has("question_id") else k
+            examples.append(GQAExample(question_id, str(fields.identifier("img_id")), fields.string("sent"), _gqa_labels(fields, "label")))
+    elif isinstance(data, dict):
+        for question_id, record in data.items():
+            fields = _Fields(record, f"{path}[{question_id!r}]")
+            examples.append(GQAExample(question_id, str(fields.identifier("imageId")), fields.string("question"),
+                                       {fields.string("answer"): 1.0}))
+    else:
+        raise DataFormatError(f"{path}: expected a JSON list of {{img_id, sent, label}} or an object keyed by question id "
+                              f"of {{imageId, question, answer}}, got {type(data).__name__}")
+    if not examples:
+        raise DataFormatError(f"{path}: no questions")
+    return examples
+
+
+def read_gqa_answers(path: PathLike) -> list[str]:
+    """The xGQA answer file: a JSON object whose keys are the candidate answers (``ans2label``, the
+    official answer list), or a plain JSON list of answers."""
+    data = read_json(path)
+    if isinstance(data, dict):
+        data = list(data)
+    if not isinstance(data, list) or not data or not all(isinstance(a, str) and a for a in data):
+        raise DataFormatError(f"{path}: expected a JSON object keyed by answer (or a list of answers), non-empty")
+    if len(set(data)) != len(data):
+        raise DataFormatError(f"{path}: answers are not unique")
+    return data
+
+
+@dataclass(frozen=True)
+class MarvlExample:
+    caption: str
+    label: bool
+    left: str
+    right: str
+    language: str
+    concept: str | None
+    line: int  # the line of the file
+
+
+def read_marvl(path: PathLike) -> list[MarvlExample]:
+    """IGLUE MaRVL JSON lines: ``caption``, ``label`` (true/false or "True"/"False"), ``left_img``,
+    ``right_img``, ``language`` and (in the official annotation files) ``concept``."""
+    examples = []
+    for number, data in iter_json_lines(path):
+        fields = _Fields(data, f"{path}:{number}")
+        label = fields.require("label")
+        if not isinstance(label, (bool, str)) or label not in _LABELS:
+            raise fields.fail("label", "true/false or \"True\"/\"False\"")
+        concept = fields.string("concept") if fields.has("concept") else None
+        examples.append(MarvlExample(fields.string("caption"), _LABELS[label], fields.string("left_img"), fields.string("right_img"),
+                                     fields.string("language"), concept, number))
+    if not examples:
+        raise DataFormatError(f"{path}: no record")
+    return examples
+
+
 # --- grounding (RefCOCO+) -----------------------------------------------------------------------
 
 

@@ -207,6 +207,33 @@ def extra_eval_files_key(data: dict, where: str, fields: Sequence[str] = (), res
     return result
 
 
+LANGUAGE_SEPARATOR = "/"  # per-language metric keys: "<language>/<metric>"
+
+
+def mean_over_languages(per_language: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every metric's mean over the languages under its plain name (what IGLUE tables report), then
+    each language's metrics as ``<language>/<metric>``."""
+    languages = list(per_language)
+    keys = list(per_language[languages[0]])
+    result = {key: float(np.mean([per_language[language][key] for language in languages])) for key in keys}
+    for language, metrics in per_language.items():
+        result.update({f"{language}{LANGUAGE_SEPARATOR}{key}": value for key, value in metrics.items()})
+    return result
+
+
+def selection_metric_key(data: dict, val: Any, known: Sequence[str], default: str, where: str) -> str:
+    """``selection_metric`` of a data section: one of ``known`` (the mean over languages when the
+    validation split ``val`` is a mapping language -> file) or, then, one language's
+    ``<language>/<metric>``."""
+    value = string_key(data, "selection_metric", default, where)
+    choices = list(known)
+    if isinstance(val, dict):
+        choices += [f"{language}{LANGUAGE_SEPARATOR}{key}" for language in val for key in known]
+    if value not in choices:
+        raise ValueError(f"{where}: 'selection_metric' {value!r} unknown; one of {choices}")
+    return value
+
+
 # -- evaluation helpers ------------------------------------------------------------------------------
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's (first) parameters."""

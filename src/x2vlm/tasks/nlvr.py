@@ -24,10 +24,22 @@ Data section of the fine-tuning YAML::
     careful_hflip: false
     randaug: true
     eval_subset: null                             # N: evaluate N evenly spaced pairs per split (quick runs)
+
+MaRVL (spec §4.7, ``MARVL.py``; IGLUE): trained on English NLVR2, evaluated on MaRVL. An
+``eval_files`` entry may be a mapping language -> file; that split is evaluated language by language,
+its metrics are each language's (``id/acc``) and their mean (``acc``, what the IGLUE table reports)::
+
+    eval_files:
+      val: data/finetune/nlvr_dev.json
+      test: {en: data/finetune/nlvr_test.json, id: data/marvl/marvl_id.json, sw: ..., ta: ..., tr: ..., zh: ...}
+    image_root: null                              # the converted MaRVL paths are images/marvl_official/...
+
+``convert_marvl`` (``x2vlm convert-marvl``) turns the IGLUE MaRVL JSON lines into this task's json.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from contextlib import nullcontext
@@ -39,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from x2vlm.config import X2VLMConfig
-from x2vlm.data.readers import DataFormatError, read_nlvr2
+from x2vlm.data.readers import DataFormatError, read_marvl, read_nlvr2
 from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import (
     EvalTransform,
@@ -54,7 +66,9 @@ from x2vlm.tasks.common import (
     check_keys,
     crop_scale_key,
     evenly_spaced_subset,
+    file_or_language_files,
     gather_tensors,
+    mean_over_languages,
     model_device,
     optional_positive_int_key,
     positive_int_key,
@@ -208,15 +222,26 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         train_items += items
         train_sources += [path] * len(items)
     subset = optional_positive_int_key(data, "eval_subset", where)
-    eval_items = {str(split): evenly_spaced_subset(load_nlvr_file(path, max_words), subset, str(path))
-                  for split, path in eval_files.items()}
-    sources = {str(split): str(path) for split, path in eval_files.items()}
-    log.info("nlvr: %d training statements; %s", len(train_items), ", ".join(f"{s} {len(v)}" for s, v in eval_items.items()))
+    split_files = {str(split): file_or_language_files(files, f"eval_files.{split}", where) for split, files in eval_files.items()}
+
+    def load(path: str) -> list[NLVRItem]:
+        return evenly_spaced_subset(load_nlvr_file(path, max_words), subset, str(path))
+
+    # split -> (file, items), or split -> {language: (file, items)} (MaRVL)
+    eval_sets = {split: {lang: (path, load(path)) for lang, path in files.items()} if isinstance(files, dict) else (files, load(files))
+                 for split, files in split_files.items()}
+    counts = [f"{split}/{lang} {len(v[1])}" if lang else f"{split} {len(v[1])}" for split, sets in eval_sets.items()
+              for lang, v in (sets.items() if isinstance(sets, dict) else [(None, sets)])]
+    log.info("nlvr: %d training statements; %s", len(train_items), ", ".join(counts))
 
     def evaluate(model, split: str, ctx: EvalContext) -> dict[str, float]:
-        if split not in eval_items:
-            raise ValueError(f"nlvr: unknown split {split!r}; configured: {list(eval_items)}")
-        return evaluate_nlvr(model, eval_items[split], image_root, tokenizer, model_cfg.image_res, max_tokens, sources[split], ctx)
+        if split not in eval_sets:
+            raise ValueError(f"nlvr: unknown split {split!r}; configured: {list(eval_sets)}")
+        sets = eval_sets[split]
+        if isinstance(sets, tuple):
+            return evaluate_nlvr(model, sets[1], image_root, tokenizer, model_cfg.image_res, max_tokens, sets[0], ctx)
+        return mean_over_languages({lang: evaluate_nlvr(model, items, image_root, tokenizer, model_cfg.image_res, max_tokens, path, ctx)
+                                    for lang, (path, items) in sets.items()})
 
     return FinetuneTask(
         name="nlvr",
@@ -225,6 +250,48 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         collate=make_collate(tokenizer, max_tokens),
         loss=nlvr_loss,
         evaluate=evaluate,
-        eval_splits=list(eval_items),
+        eval_splits=list(eval_sets),
         selection_metric="acc",
     )
+
+
+# -- MaRVL (IGLUE) -> this task's json ----------------------------------------------------------------
+MARVL_LAYOUTS = ("official", "fewshot")
+
+
+def marvl_image_path(root: str, layout: str, language: str, concept: str | None, image: str, where: str) -> str:
+    """Where the IGLUE MaRVL images are (official ``marvl_preproc.py``): the test images under
+    ``<root>/marvl_official/<lang>/images/<concept>/``, the few-shot ones under
+    ``<root>/marvl_fewshot/<lang>/all/``."""
+    if layout == "fewshot":
+        return f"{root}/marvl_fewshot/{language}/all/{image}"
+    if concept is None:
+        raise DataFormatError(f"{where}: missing field 'concept' (the official layout puts images under <lang>/images/<concept>/; "
+                              "use the few-shot layout for files without it)")
+    return f"{root}/marvl_official/{language}/images/{concept}/{image}"
+
+
+def convert_marvl(src: str | Path, out_json: str | Path, layout: str = "official", root: str = "images",
+                  language: str | None = None) -> dict[str, int]:
+    """IGLUE MaRVL JSON lines (``caption``, ``label``, ``left_img``, ``right_img``, ``language``,
+    ``concept``) -> ``[{"images": [left, right], "sentence", "label"}]``, the NLVR2 json this task
+    reads, image paths by ``marvl_image_path`` (use ``image_root: null``, or ``root`` relative to
+    the ``image_root``). ``language`` (when given) must be every record's. Returns the number of
+    statements per language."""
+    if layout not in MARVL_LAYOUTS:
+        raise ValueError(f"convert_marvl: layout {layout!r} unknown; one of {list(MARVL_LAYOUTS)}")
+    records, counts = [], {}
+    for ex in read_marvl(src):
+        where = f"{src}:{ex.line}"
+        if language is not None and ex.language != language:
+            raise DataFormatError(f"{where}: field 'language' is {ex.language!r}, expected {language!r}")
+        images = [marvl_image_path(root.rstrip("/"), layout, ex.language, ex.concept, image, where) for image in (ex.left, ex.right)]
+        records.append({"images": images, "sentence": ex.caption, "label": ex.label})
+        counts[ex.language] = counts.get(ex.language, 0) + 1
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(records, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    log.info("wrote %d MaRVL statements (%s) to %s", len(records), ", ".join(f"{k} {v}" for k, v in counts.items()), out)
+    return counts

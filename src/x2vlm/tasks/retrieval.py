@@ -111,8 +111,10 @@ from x2vlm.tasks.common import (
     check_keys,
     crop_scale_key,
     extra_eval_files_key,
+    LANGUAGE_SEPARATOR,
     file_or_language_files,
     gather_tensors,
+    mean_over_languages,
     model_device,
     positive_int_key,
     shard_range,
@@ -780,20 +782,6 @@ def image_root_key(data: dict, data_format: str, where: str) -> ImageRoot:
         if not isinstance(root, str) or not Path(root).is_dir():
             raise FileNotFoundError(f"{where}: 'image_root{'.' + name if name else ''}' {root} is not a directory")
     return value
-
-
-LANGUAGE_SEPARATOR = "/"  # per-language metric keys: "<language>/<metric>"
-
-
-def mean_over_languages(per_language: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Every metric's mean over the languages under its plain name (what IGLUE tables report), then
-    each language's metrics as ``<language>/<metric>``."""
-    languages = list(per_language)
-    keys = list(per_language[languages[0]])
-    result = {key: float(np.mean([per_language[language][key] for language in languages])) for key in keys}
-    for language, metrics in per_language.items():
-        result.update({f"{language}{LANGUAGE_SEPARATOR}{key}": value for key, value in metrics.items()})
-    return result
 
 
 @dataclass

@@ -42,6 +42,23 @@ Data section of the fine-tuning YAML::
     randaug: true
     crop_scale: [0.5, 1.0]                      # RandomResizedCrop area range
     eval_subset: null                           # N: evaluate N evenly spaced questions per split (quick runs)
+
+xGQA (spec §4.7, ``XGQA.py``, ``XVLMPlusForVQA``; IGLUE) is this task with ``format: gqa``: the
+files are GQA-style annotations (``readers.read_gqa``: a list of ``{img_id, sent, label: {answer:
+score}}`` or an object keyed by question id of ``{imageId, question, answer}``), the image of a
+question is ``<image_root>/<img_id>.jpg``, the answer list is the keys of the answer file
+(``readers.read_gqa_answers``), a training question's targets are its labels weighted by their
+scores, and accuracy is the exact match of the ranked answer with the question's first label.
+``val_file``, ``test_file`` and ``extra_eval_files`` entries may be mappings language -> file; such a
+split's metrics are each language's (``de/acc``) and their mean (``acc``, the IGLUE number), and the
+checkpoint is selected on the validation mean::
+
+    format: gqa
+    train_files: [data/xgqa/train_en.json]      # few-shot: add target-language files
+    val_file: {en: data/xgqa/testdev_balanced_questions_en.json}
+    test_file: {de: .../testdev_balanced_questions_de.json, bn: ..., id: ..., ko: ..., pt: ..., ru: ..., zh: ...}
+    answer_list: data/xgqa/trainval_ans2label.json
+    image_root: images/gqa
 """
 
 from __future__ import annotations
@@ -63,6 +80,8 @@ from x2vlm.data.readers import (
     DataFormatError,
     VQAExample,
     read_answer_list,
+    read_gqa,
+    read_gqa_answers,
     read_vqa_json,
     read_vqa_official,
 )
@@ -78,8 +97,10 @@ from x2vlm.tasks.common import (
     crop_scale_key,
     evenly_spaced_subset,
     extra_eval_files_key,
+    file_or_language_files,
     gather_tensors,
     grouped_order,
+    mean_over_languages,
     model_device,
     optional_positive_int_key,
     positive_int_key,
@@ -99,8 +120,9 @@ EVAL_SPLITS = ("val", "test")
 # The answer decoder, initialised from the fusion layers, trains at lr * lr_mult (official large_lr_for_dec).
 DECODER_PREFIXES = ("answer_decoder.", "answer_head.")
 
+DATA_FORMATS = ("vqa", "gqa")
 DATA_KEYS = {
-    "train_files", "val_file", "test_file", "extra_eval_files", "answer_list", "image_root", "max_tokens", "k_test",
+    "format", "train_files", "val_file", "test_file", "extra_eval_files", "answer_list", "image_root", "max_tokens", "k_test",
     "double_count_first_token", "vg_answer_weight", "careful_hflip", "hflip", "randaug", "crop_scale", "eval_subset",
     *(f"{split}_{kind}_file" for split in EVAL_SPLITS for kind in ("questions", "annotations")),
 }
@@ -160,8 +182,10 @@ class VQASample:
 class VQATrainSet:
     """Questions of every training file; the sample's image is augmented with the sample's rng."""
 
-    def __init__(self, examples: list[tuple[VQAExample, str]], image_roots, settings: VQASettings):
-        self.examples, self.image_roots, self.settings = examples, image_roots, settings
+    def __init__(self, examples: list[tuple[VQAExample, str]], image_roots, settings: VQASettings,
+                 scores: list[list[float]] | None = None):
+        # ``scores``: per example, the weight of each of its answers (GQA labels); None: VQA / VG weights
+        self.examples, self.image_roots, self.settings, self.scores = examples, image_roots, settings, scores
         self.transform = FinetuneTrainTransform(settings.res, scale=settings.crop_scale, randaug=settings.randaug,
                                                 hflip=settings.hflip)
 
@@ -170,7 +194,10 @@ class VQATrainSet:
 
     def get(self, index: int, rng: np.random.Generator) -> VQASample:
         example, source = self.examples[index]
-        answers, weights = answer_weights(example.answers, example.dataset, self.settings.vg_answer_weight)
+        if self.scores is not None:
+            answers, weights = list(example.answers), list(self.scores[index])
+        else:
+            answers, weights = answer_weights(example.answers, example.dataset, self.settings.vg_answer_weight)
         texts = [example.question, *answers] if self.settings.careful_hflip else None
         pixels = self.transform(_load(self.image_roots, example, source), rng, texts=texts)
         return VQASample(pixels, pre_question(example.question, TRAIN_QUESTION_WORDS), answers, weights)
@@ -255,6 +282,7 @@ class VQASplit:
     examples: list[VQAExample]
     questions: list[str]
     ground_truth: dict[Any, GroundTruth] | None  # question_id -> annotation; None: no answers
+    first_labels: dict[Any, str] | None = None  # GQA: question_id -> the label exact match is measured against
 
 
 def load_eval_split(name: str, path: str, questions_file: str | None, annotations_file: str | None) -> VQASplit:
@@ -293,7 +321,8 @@ def split_subset(split: VQASplit, count: int | None) -> VQASplit:
     keep = evenly_spaced_subset(range(len(split.examples)), count, split.source, "questions")
     examples = [split.examples[k] for k in keep]
     truth = None if split.ground_truth is None else {ex.question_id: split.ground_truth[ex.question_id] for ex in examples}
-    return VQASplit(split.name, split.source, examples, [split.questions[k] for k in keep], truth)
+    labels = None if split.first_labels is None else {ex.question_id: split.first_labels[ex.question_id] for ex in examples}
+    return VQASplit(split.name, split.source, examples, [split.questions[k] for k in keep], truth, labels)
 
 
 @torch.no_grad()
@@ -342,7 +371,10 @@ def evaluate_vqa(model, split: VQASplit, image_roots, tokenizer: WordPieceTokeni
     predictions = {ex.question_id: answer_list[predicted[k]] for k, ex in enumerate(split.examples)}
     metrics = {"questions": float(len(split.examples))}
     accuracy = None
-    if split.ground_truth is not None:
+    if split.first_labels is not None:  # GQA: exact match with the first label (official XGQA.py)
+        hits = [predictions[qid] == label for qid, label in split.first_labels.items()]
+        metrics = {"acc": 100.0 * float(np.mean(hits))}
+    elif split.ground_truth is not None:
         accuracy = vqa_accuracy(predictions, split.ground_truth)
         metrics.update(accuracy.metrics())
     if ctx.out_dir is not None and ctx.dist_info.is_main:
@@ -374,7 +406,9 @@ def draw_predictions(model, split: VQASplit, image_roots, tokenizer: WordPieceTo
         picture = img.resize((img.width * scale, img.height * scale))
         ranked = ", ".join(f"{answer_list[a]} {p:.2f}" for a, p in zip(best[row].tolist(), probs[row].tolist()))
         lines = [f"Q: {example.question}", f"predicted: {answer_list[int(best[row, 0])]}", f"top {best.shape[1]}: {ranked}"]
-        if split.ground_truth is not None:
+        if split.first_labels is not None:
+            lines.append(f"label: {split.first_labels[example.question_id]}")
+        elif split.ground_truth is not None:
             counts = Counter(split.ground_truth[example.question_id].answers)
             lines.append("annotators: " + ", ".join(f"{a} x{n}" for a, n in counts.most_common()))
         lines.append(f"question {example.question_id}, {example.image}")
@@ -407,6 +441,35 @@ def convert_vqa_official(questions: str | Path, annotations: str | Path | None, 
     tmp.replace(out)
     log.info("wrote %d questions to %s", len(records), out)
     return len(records)
+
+
+# -- xGQA (GQA-style files) ---------------------------------------------------------------------------
+def gqa_examples(path: str) -> list[VQAExample]:
+    """A GQA-style file's questions as ``VQAExample`` (image ``<img_id>.jpg``, answers = the label
+    names in file order, dataset ``gqa``); a repeated question id is an error."""
+    examples = [VQAExample(question_id=ex.question_id, image=f"{ex.image_id}.jpg", question=ex.question, answers=list(ex.answers),
+                           dataset="gqa") for ex in read_gqa(path)]
+    repeated = [qid for qid, n in Counter(ex.question_id for ex in examples).items() if n > 1]
+    if repeated:
+        raise DataFormatError(f"{path}: question_id(s) {repeated[:5]} occur more than once")
+    return examples
+
+
+def load_gqa_train(files: list[str]) -> tuple[list[tuple[VQAExample, str]], list[list[float]]]:
+    """Every question of the GQA-style training files with its file, and its answers' scores."""
+    examples, scores = [], []
+    for path in files:
+        for ex in read_gqa(path):
+            examples.append((VQAExample(question_id=ex.question_id, image=f"{ex.image_id}.jpg", question=ex.question,
+                                        answers=list(ex.answers), dataset="gqa"), path))
+            scores.append(list(ex.answers.values()))
+    return examples, scores
+
+
+def load_gqa_split(name: str, path: str) -> VQASplit:
+    examples = gqa_examples(path)
+    return VQASplit(name, path, examples, [pre_question(ex.question, EVAL_QUESTION_WORDS) for ex in examples], None,
+                    {ex.question_id: ex.answers[0] for ex in examples})
 
 
 # -- the task ----------------------------------------------------------------------------------------
@@ -456,6 +519,11 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     )
     image_roots = _image_roots(data, where)
     eval_subset = optional_positive_int_key(data, "eval_subset", where)
+    data_format = data.get("format", "vqa")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"{where}: key 'format' {data_format!r} unknown; one of {list(DATA_FORMATS)}")
+    if data_format == "gqa":
+        return _build_gqa_task(data, [str(f) for f in train_files], settings, image_roots, eval_subset, tokenizer, where)
     extra_files = extra_eval_files_key(data, where)
     answer_list = read_answer_list(str(require_key(data, "answer_list", where)))
     train_examples = load_train_examples([str(f) for f in train_files])
@@ -494,6 +562,60 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         name="vqa",
         model_task="vqa",
         train_set=VQATrainSet(train_examples, image_roots, settings),
+        collate=make_collate(tokenizer, settings.max_tokens),
+        loss=vqa_loss,
+        evaluate=evaluate,
+        eval_splits=list(splits),
+        selection_metric="acc",
+        draw=draw,
+        lr_mult_prefixes=DECODER_PREFIXES,
+        inference_files={"answer_list.json": answer_list, "inference.json": {
+            "task": "vqa", "max_tokens": settings.max_tokens, "k_test": settings.k_test,
+            "double_count_first_token": settings.double_count_first_token}},
+    )
+
+
+def _build_gqa_task(data: dict, train_files: list[str], settings: VQASettings, image_roots, eval_subset: int | None,
+                    tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:
+    """The xGQA variant (``format: gqa``): GQA-style files, per-language splits, exact-match accuracy."""
+    official = [f"{split}_{kind}_file" for split in EVAL_SPLITS for kind in ("questions", "annotations") if data.get(f"{split}_{kind}_file")]
+    if official:
+        raise ValueError(f"{where}: {official} are official VQA v2 files; format 'gqa' reads answers from the GQA-style files")
+    if isinstance(image_roots, dict):
+        raise ValueError(f"{where}: format 'gqa': 'image_root' must be the one folder of the <img_id>.jpg images")
+    answer_list = read_gqa_answers(str(require_key(data, "answer_list", where)))
+    train_examples, scores = load_gqa_train(train_files)
+    split_files = {"val": file_or_language_files(require_key(data, "val_file", where), "val_file", where),
+                   **({"test": file_or_language_files(data["test_file"], "test_file", where)} if data.get("test_file") is not None else {}),
+                   **extra_eval_files_key(data, where, languages=True)}
+
+    def load(name: str, path: str) -> VQASplit:
+        return split_subset(load_gqa_split(name, path), eval_subset)
+
+    splits: dict[str, VQASplit | dict[str, VQASplit]] = {
+        split: {lang: load(f"{split}_{lang}", path) for lang, path in files.items()} if isinstance(files, dict) else load(split, files)
+        for split, files in split_files.items()}
+    counts = [f"{s.name} {len(s.examples)}" for sets in splits.values() for s in (sets.values() if isinstance(sets, dict) else [sets])]
+    log.info("vqa (gqa): %d training questions, %d candidate answers; %s", len(train_examples), len(answer_list), ", ".join(counts))
+    drawn = splits["test" if "test" in splits else "val"]
+    drawn = next(iter(drawn.values())) if isinstance(drawn, dict) else drawn
+
+    def evaluate(model, split: str, ctx: EvalContext) -> dict[str, float]:
+        if split not in splits:
+            raise ValueError(f"vqa: unknown split {split!r}; configured: {list(splits)}")
+        sets = splits[split]
+        if isinstance(sets, VQASplit):
+            return evaluate_vqa(model, sets, image_roots, tokenizer, settings, answer_list, ctx)
+        return mean_over_languages({lang: evaluate_vqa(model, s, image_roots, tokenizer, settings, answer_list, ctx)
+                                    for lang, s in sets.items()})
+
+    def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
+        return draw_predictions(model, drawn, image_roots, tokenizer, settings, answer_list, out_dir)
+
+    return FinetuneTask(
+        name="vqa",
+        model_task="vqa",
+        train_set=VQATrainSet(train_examples, image_roots, settings, scores),
         collate=make_collate(tokenizer, settings.max_tokens),
         loss=vqa_loss,
         evaluate=evaluate,

@@ -50,6 +50,7 @@ TASK_MODULES = {
     "vqa": "x2vlm.tasks.vqa",
     "video_qa": "x2vlm.tasks.video_qa",
     "captioning": "x2vlm.tasks.captioning",
+    "xvnli": "x2vlm.tasks.xvnli",  # IGLUE; xGQA is the vqa task with format: gqa, MaRVL the nlvr task
 }
 
 BEST = "best"  # directory under out_dir holding the selected weights
