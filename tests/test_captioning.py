@@ -2,18 +2,22 @@
 and COCO metrics on the tiny model + tiny world, CIDEr-D, and the SCST objective."""
 
 import json
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_finetune_config
 
 from x2vlm import objectives as O
 from x2vlm.config import preset
 from x2vlm.data.masking import MaskingConfig
 from x2vlm.data.readers import DataFormatError
-from x2vlm.generation import CaptionSettings, greedy_caption, sample_captions
+from x2vlm.data.transforms import EvalTransform
+from x2vlm.generation import CaptionSettings, beam_search, greedy_caption, sample_captions
+from x2vlm.inference import read_image
 from x2vlm.tasks import captioning as C
 from x2vlm.tasks.common import EvalContext
 from x2vlm.train.distributed import DistInfo
@@ -182,6 +186,64 @@ def test_evaluate_writes_coco_results_and_returns_metrics(world, model, tokenize
     pictures = task.draw(model, tmp_path / "pictures", ctx)
     assert len(pictures) == 2 and all(p.exists() and p.suffix == ".png" for p in pictures)
     assert all(p.name.startswith("caption_test_") for p in pictures)  # the test split is drawn, not the extra one
+
+
+def test_finetuning_loop_then_inference_captions_equal_the_evaluation(world, tmp_path, capsys):
+    """A short fine-tuning on the world; the run, loaded for inference, captions the test images as
+    the evaluation wrote them (its beam search and prompt, saved by the fine-tuning); bf16 gives the
+    same captions up to near ties (see below); the command line prints the API's caption."""
+    import x2vlm
+    from x2vlm.cli import main
+    from x2vlm.train import finetune as FT
+
+    data = world_data(world, randaugment=False, draw_images=1)
+    cfg = tiny_finetune_config("captioning", data, tmp_path / "run", max_steps=2, batch_size=4, eval_batch_size=8)
+    summary = FT.run_finetuning(cfg)
+    assert list(summary["results"]) == ["val", "test"]
+    run = tmp_path / "run"
+    written = {r["image_id"]: r["caption"] for r in json.loads((run / "caption_test_result.json").read_text())}
+    records = json.loads(Path(data["test_file"]).read_text())
+    images = [str(world / "images" / r["image"]) for r in records]
+    model = x2vlm.load(run)
+    gen = model.caption_settings()
+    assert (gen.num_beams, gen.max_new_tokens, gen.min_length) == (2, 5, 1)  # the evaluation's, saved by the fine-tuning
+    captions = model.caption(images)
+    assert captions == [written[r["image_id"]] for r in records]
+
+    # bf16 autocast. After two steps the model's next-token distributions are nearly flat, so its two
+    # beams often end within bf16's rounding of each other and bf16 may pick the other one (measured:
+    # 10 of 12 images as fp32). What bf16 must keep: its captions are the beam search of the same
+    # model under autocast, and where one differs, fp32 scores it within 2e of fp32's own caption
+    # (e: the largest bf16 error of a caption's summed log-probability), i.e. it was a near tie.
+    bf16 = x2vlm.load(run, dtype="bf16").caption(images)
+    agree = sum(a == b for a, b in zip(captions, bf16)) / len(images)
+    pixels = torch.stack([EvalTransform(model.cfg.image_res)(read_image(path)) for path in images])
+    prompt, n = model.prompt_ids(), len(images)
+    gen = C.check_generation_length(gen, len(prompt), model.cfg.text.max_position_embeddings)
+    precisions = {"fp32": nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    ids = {}
+    with torch.no_grad():
+        for name, autocast in precisions.items():  # the token ids of the captions of each precision
+            with autocast():
+                vision, vision_mask = model.model.encode_images(pixels)
+                ids[name] = beam_search(model.model, vision, vision_mask, prompt, gen)
+            assert [C.decode_caption(model.tokenizer, s) for s in ids[name]] == (captions if name == "fp32" else bf16)
+        scores = {}  # each precision's log-probabilities of the fp32 captions, then of the bf16 ones
+        for name, autocast in precisions.items():
+            with autocast():
+                vision, vision_mask = model.model.encode_images(pixels)
+                scores[name] = C.sequence_log_probs(model.model, torch.cat([vision, vision]), torch.cat([vision_mask, vision_mask]),
+                                                    prompt, ids["fp32"] + ids["bf16"], model.tokenizer)
+    fp32_scores, bf16_scores = scores["fp32"], scores["bf16"]
+    error = float((bf16_scores - fp32_scores).abs().max())
+    assert error < 0.1, f"bf16 changes a caption's log-probability by {error}"
+    assert (fp32_scores[n:] >= fp32_scores[:n] - 2 * error - 1e-4).all()
+
+    assert main(["predict", "caption", "--model", str(run), "--image", images[0]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"image": images[0], "caption": model.caption(images[0])}
+    assert model.caption(images[0]) == captions[0]
+    print(f"captioning: {len(images)} test images; bf16 caption = fp32 caption for {agree:.0%}; log-probability error "
+          f"{error:.2g}, fp32 score gaps {(fp32_scores[:n] - fp32_scores[n:]).tolist()}", file=sys.stderr)
 
 
 def test_coco_metrics_on_three_captions():  # needs java on the PATH (a declared requirement)

@@ -4,12 +4,13 @@ configuration checks, and loss / evaluation / pictures on the tiny model and a t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VOCAB, build_tiny
+from conftest import TINY_VOCAB, build_tiny, tiny_finetune_config
 from PIL import Image
 
 from x2vlm.config import preset
@@ -258,6 +259,44 @@ def test_loss_and_evaluation_on_the_tiny_world(world, tokenizer, tiny_state, tmp
     assert len(pictures) == G.DRAWN_ITEMS and all(p.exists() and p.suffix == ".png" for p in pictures)
     subset = G.build_task(world_data(world, eval_subset=5), preset("x2vlm-tiny"), tokenizer, "data")
     assert subset.evaluate(model, "val", ctx)["acc"] % 20 == 0  # 5 expressions
+
+
+def test_finetuning_loop_then_inference_boxes_equal_the_evaluation(world, tmp_path, capsys):
+    """A short fine-tuning on the world; the run, loaded for inference, finds the test expressions'
+    boxes (pixels of each image) as the evaluation does, and they give the metrics the run reported;
+    bf16 keeps the boxes (IoU >= 0.9 with fp32); the command line prints the API's box."""
+    import x2vlm
+    from x2vlm.cli import main
+    from x2vlm.train import finetune as FT
+
+    data = world_data(world, randaug=False)
+    cfg = tiny_finetune_config("grounding", data, tmp_path / "run", max_steps=2, batch_size=4, eval_batch_size=16)
+    summary = FT.run_finetuning(cfg)
+    assert list(summary["results"]) == ["val", "test"]
+    run = tmp_path / "run"
+    model = x2vlm.load(run)
+    settings = model.grounding_settings()
+    assert (settings.max_tokens, settings.max_words) == (24, 30)  # saved by the fine-tuning
+    test_file = data["eval_files"]["test"]
+    items = G.load_grounding_file(test_file, data["refs_file"], data["instances_file"], settings.max_words)
+    # the evaluation's own prediction on the selected weights (images encoded once per image)
+    order, expected = G.predict_split(model.model, items, data["image_root"], model.tokenizer, settings, test_file, batch_size=16)
+    images = [str(Path(data["image_root"]) / item.image) for item in items]
+    boxes = np.array(model.ground(images, [item.raw_text for item in items]))
+    assert boxes.shape == (len(items), 4)
+    assert np.abs(boxes[order] - expected).max() < 1e-3  # pixels
+    ious = G.inclusive_iou(boxes, np.array([item.box for item in items]))
+    assert G.grounding_metrics(ious, [item.refer_split for item in items]) == pytest.approx(summary["results"]["test"])
+
+    bf16 = np.array(x2vlm.load(run, dtype="bf16").ground(images, [item.raw_text for item in items]))
+    same = G.inclusive_iou(bf16, boxes) >= 0.9
+    assert same.mean() >= 0.9, f"bf16 boxes have IoU >= 0.9 with the fp32 ones for {same.mean():.0%} of {len(items)} expressions"
+
+    assert main(["predict", "ground", "--model", str(run), "--image", images[0], "--expression", items[0].raw_text]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"image": images[0], "expression": items[0].raw_text, "box": model.ground(images[0], items[0].raw_text)}
+    assert printed["box"] == pytest.approx(boxes[0].tolist(), abs=1e-3)
+    print(f"grounding: {len(items)} test expressions; bf16 box IoU >= 0.9 with fp32 for {same.mean():.0%}", file=sys.stderr)
 
 
 @pytest.mark.parametrize("name", ["grounding_refcoco_base", "grounding_refcoco_large", "grounding_small_world"])

@@ -82,6 +82,7 @@ def test_batched_reranking_equals_the_official_per_query_loop(tiny_state):
 
 # -- fine-tuning task, cached re-ranking, chunking, sharding --------------------------------------------
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -393,7 +394,7 @@ def test_video_retrieval_on_the_tiny_world(retrieval_world, tokenizer, tiny_stat
         check_metrics(task.evaluate(model, "val", EvalContext(DistInfo(), batch_size=4, out_dir=tmp_path)))
 
 
-def test_finetuning_loop_runs_retrieval_end_to_end(retrieval_world, tmp_path):
+def test_finetuning_loop_runs_retrieval_end_to_end(retrieval_world, tmp_path, capsys):
     from x2vlm.train import finetune as FT
 
     # an extra split reading the test file: evaluated after val and test, exactly as test is
@@ -408,6 +409,104 @@ def test_finetuning_loop_runs_retrieval_end_to_end(retrieval_world, tmp_path):
     assert summary["results"]["test_again"] == summary["results"]["test"]
     assert [Path(p).name for p in summary["pictures"]] == ["retrieval_test.png"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["task"] == "retrieval"
+    check_inference_equals_evaluation(tmp_path / "run", data, summary["results"]["test"], tmp_path, capsys)
+
+
+def test_finetuning_loop_runs_video_retrieval(retrieval_world, tmp_path, capsys):
+    from x2vlm.train import finetune as FT
+
+    data = video_data(retrieval_world, randaug=False)
+    cfg = tiny_finetune_config("retrieval", data, tmp_path / "run", max_steps=2, batch_size=4, eval_every=2)
+    summary = FT.run_finetuning(cfg)
+    check_metrics(summary["results"]["test"])
+    check_inference_equals_evaluation(tmp_path / "run", data, summary["results"]["test"], tmp_path, capsys)
+
+
+def check_inference_equals_evaluation(run: Path, data: dict, reported: dict[str, float], tmp_path: Path, capsys) -> None:
+    """The trained ``run``, loaded for inference, scores and ranks the test split as the evaluation
+    does: the evaluation's two-stage scores (recomputed on the selected weights; they give the
+    recalls the run reported) equal ``match`` (ITC everywhere, ITM on the candidates), ``retrieve``
+    over a saved ``GalleryIndex`` ranks as the evaluation (text -> images or videos, image -> texts),
+    ``embed_*`` give the ITC similarities; bf16 keeps the top-1 hit up to near ties (see below); the
+    command line prints the API's hits."""
+    import x2vlm
+    from x2vlm.cli import main
+    from x2vlm.inference import GalleryIndex
+    from x2vlm.tasks.retrieval import NOT_A_CANDIDATE, flat_metrics, load_eval_set, ranking_metrics
+
+    video = data.get("video", False)
+    model = x2vlm.load(run)
+    k_test = data["k_test"]
+    assert model.retrieval_settings() == (30, k_test)  # saved by the fine-tuning (max_tokens: the default)
+    eval_set = load_eval_set(data["test_file"], data["image_root"], model.cfg.image_res, model.tokenizer, 30,
+                             model.cfg.frame_len if video else 0)
+    scores = two_stage_retrieval(model.model, eval_set.vision, eval_set.text_ids, eval_set.text_mask, RerankSettings(k_test, 8))
+    assert flat_metrics(ranking_metrics(scores, eval_set.img2txt, eval_set.txt2img)) == pytest.approx(reported)
+    items = [str(Path(data["image_root"]) / name) for name in eval_set.names]
+    texts = [caption for record in json.loads(Path(data["test_file"]).read_text()) for caption in record["caption"]]
+    num_items, num_texts = len(items), len(texts)
+
+    matched = model.match(items, texts, video=video)
+    assert np.abs(matched["itc"] - scores.sims.numpy()).max() < 1e-5
+    for candidates in (scores.score_i2t, scores.score_t2i.t()):  # ITM of each direction's candidates
+        chosen = (candidates > NOT_A_CANDIDATE).numpy()
+        assert chosen.sum() == (num_items * min(k_test, num_texts) if candidates is scores.score_i2t else num_texts * min(k_test, num_items))
+        assert np.abs(matched["itm"][chosen] - candidates.numpy()[chosen]).max() < 1e-5
+    embed = model.embed_videos if video else model.embed_images
+    assert np.abs(embed(items) @ model.embed_texts(texts).T - scores.sims.numpy()).max() < 1e-5
+
+    kind = "videos" if video else "images"
+    saved = model.index(items, kind=kind, ids=list(eval_set.names)).save(tmp_path / "gallery")
+    gallery = GalleryIndex.load(saved)
+    hits = model.retrieve(texts, gallery, k=num_items)
+    ranked = min(k_test, num_items)
+    for t, row in enumerate(hits):
+        expected = scores.score_t2i[t].topk(ranked)
+        assert [h.index for h in row[:ranked]] == expected.indices.tolist()
+        assert [h.id for h in row] == [eval_set.names[h.index] for h in row]
+        assert [h.itm for h in row[:ranked]] == pytest.approx(expected.values.tolist(), abs=1e-5)
+        assert [h.itc for h in row] == pytest.approx(scores.sims[[h.index for h in row], t].tolist(), abs=1e-5)
+    if not video:  # image -> text
+        text_hits = model.retrieve(items, model.index(texts, kind="texts"), k=min(k_test, num_texts))
+        for i, row in enumerate(text_hits):
+            expected = scores.score_i2t[i].topk(min(k_test, num_texts))
+            assert [h.index for h in row] == expected.indices.tolist()
+            assert [h.itm for h in row] == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+    # bf16 autocast. This briefly trained model gives every item nearly the same ITM logit (a spread of
+    # ~1e-3 per text, about bf16's rounding), so its exact top-1 is a coin toss under bf16 (measured on
+    # the image test texts: 55% by ITM, from 8% to 100% with other numbers of training steps; 100% by
+    # ITC). What bf16 must keep is the ranking up to its score error e: every pair's scores stay close,
+    # and the item bf16 ranks first (ITM over all items, and ITC alone) is the fp32 top-1 or one that
+    # fp32 scores within 2e of it (so wherever fp32's top-1 leads by more than 2e, the top-1 is the same).
+    bf16 = x2vlm.load(run, dtype="bf16")
+    bf16_scores = bf16.match(items, texts, video=video)
+    bf16_index = bf16.index(items, kind=kind)
+    agreement = []
+    for name, k_all in (("itm", num_items), ("itc", 0)):
+        fp32_top = [row[0].index for row in model.retrieve(texts, gallery, k=1, k_test=k_all)]
+        bf16_top = [row[0].index for row in bf16.retrieve(texts, bf16_index, k=1, k_test=k_all)]
+        fp32_scores = matched[name]
+        error = float(np.abs(bf16_scores[name] - fp32_scores).max())
+        assert error < 0.02 * max(1.0, float(np.abs(fp32_scores).max())), f"bf16 {name} scores off by {error}"
+        for t in range(num_texts):
+            assert fp32_scores[bf16_top[t], t] >= fp32_scores[fp32_top[t], t] - 2 * error - 1e-6
+        agree = sum(a == b for a, b in zip(fp32_top, bf16_top)) / num_texts
+        agreement.append(f"bf16 {kind} retrieval by {name}: the fp32 top-1 for {agree:.0%} of {num_texts} texts, "
+                         f"score error {error:.2g}")
+
+    # the command line: a text query against the saved index, and one (item, text) pair's scores
+    assert main(["predict", "retrieve", "--model", str(run), "--text", texts[0], "--gallery", str(saved), "--k", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["hits"] == [{**h.to_dict(), "item": items[h.index]} for h in model.retrieve(texts[0], gallery, k=3)]
+    assert [h["index"] for h in printed["hits"]] == [h.index for h in hits[0][:3]]
+    argv = ["predict", "match", "--model", str(run), "--image", items[0], "--text", texts[0]] + (["--video"] if video else [])
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    single = model.match([items[0]], [texts[0]], video=video)
+    assert printed["itm"] == single["itm"].tolist() and printed["itc"] == single["itc"].tolist()
+    assert printed["itc"][0][0] == pytest.approx(float(scores.sims[0, 0]), abs=1e-5)
+    print("\n".join(agreement), file=sys.stderr)  # shown with pytest -rP
 
 
 CONFIGS = Path(__file__).parents[1] / "src" / "x2vlm" / "configs" / "finetune"

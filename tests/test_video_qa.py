@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def test_build_task_rejects_bad_configuration(world, tokenizer):
         VQ.build_task(world_data(world, extra_eval_files={"novel/a": novel}), preset("x2vlm-tiny"), tokenizer, "t")
 
 
-def test_finetuning_loop_runs_the_task(world, tmp_path):
+def test_finetuning_loop_runs_the_task(world, tmp_path, capsys):
     from x2vlm.train import finetune as FT
 
     # an extra split reading the test file: evaluated after val and test, exactly as test is
@@ -168,3 +169,25 @@ def test_finetuning_loop_runs_the_task(world, tmp_path):
     assert (run / "video_qa_test_again_result.json").read_text() == (run / "video_qa_test_result.json").read_text()
     assert len(summary["pictures"]) == VQ.DRAWN_ITEMS
     assert all(Path(p).name[: -len("_00000.png")] == "video_qa_test" for p in summary["pictures"])  # test is drawn
+
+    # the trained run, loaded for inference, answers the test questions (videos read from their files)
+    # as the evaluation did; bf16 autocast agrees with fp32 on the top answer
+    import x2vlm
+    from x2vlm.cli import main
+
+    result = json.loads((run / "video_qa_test_result.json").read_text())
+    videos = [str(world / "videos" / f"{r['video_id']}.mp4") for r in result]
+    questions = [r["question"] for r in result]
+    model = x2vlm.load(run)
+    answers = model.answer(videos, questions)
+    assert [a.answer for a in answers] == [r["prediction"] for r in result]
+    bf16 = x2vlm.load(run, dtype="bf16").answer(videos, questions)
+    agree = sum(a.answer == b.answer for a, b in zip(answers, bf16)) / len(answers)
+    assert agree >= 0.9, f"bf16 and fp32 agree on {agree:.0%} of the {len(answers)} test answers"
+    # the command line prints what the API returns for one item
+    assert main(["predict", "vqa", "--model", str(run), "--video", videos[0], "--question", questions[0]]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    top_k = min(5, len(model.label_names()))
+    assert printed == {"video": videos[0], "question": questions[0], **model.answer(videos[0], questions[0], top_k=top_k).to_dict()}
+    assert printed["answer"] == result[0]["prediction"]
+    print(f"video QA: bf16 answers = fp32 answers for {agree:.0%} of {len(answers)} test questions", file=sys.stderr)
