@@ -75,8 +75,14 @@ def test_shipped_configs_parse(path):
     if path.stem == "small_world_stage1":  # the image-text warm-up stage of the embedded default
         assert cfg.regions is None and cfg.videos is None and cfg.stop_calc_itm == 0
         assert cfg.text_tower_frozen_steps == cfg.steps
+    elif path.stem == "cclm_small_world":  # CCLM on the world: its region texts are English only
+        assert cfg.regions is None and cfg.mtexts.kind == "parallel_text"
     else:
         assert cfg.regions is not None and cfg.regions.kind == "region_text"
+    if path.stem.startswith("cclm_x2vlm"):  # spec §3.5: WikiMatrix parallel text settings
+        m = cfg.mtexts
+        assert (m.kind, m.caption_key, m.target_key, m.max_tokens, m.mask_prob, m.max_masks, m.whole_word) == (
+            "parallel_text", "source_text", "target_text", 64, 0.4, 16, False)
     if "stage2" in path.stem:
         assert cfg.videos.kind == "video_text" and cfg.videos.frame_len == 3
 

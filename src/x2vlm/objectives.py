@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from x2vlm.models.x2vlm import X2VLM
+from x2vlm.train.distributed import all_reduce_sum
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -161,6 +162,55 @@ def mlm_loss(logits: torch.Tensor, masked_ids: torch.Tensor, global_count: torch
     if global_count is None:
         return flat / masked_ids.ne(-100).sum().clamp(min=1)
     return flat * _world_size() / global_count.clamp(min=1)
+
+
+def parallel_text_losses(
+    model: X2VLM,
+    batch,
+    generator: torch.Generator | None = None,
+    compute_itm: bool = True,
+    ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """CCLM parallel-text objectives (spec §3.1, ``forward_para_text``) of a ``ParallelTextBatch``;
+    needs the separate-cross-encoder model (``check_parallel_text_model``).
+
+    * ``ttc``: ITC between the two sides' text CLS features (both through ``text_proj``), all-gathered
+      over ranks like ITC; target ``i`` for row ``i`` (with ``ids``: every same-id pair).
+    * ``ttm``: ITM with hard negatives (``sample_hard_negatives``), side 1 in the place of the image
+      (the cross encoder's K/V input, side-1 padding masked), side 2 the fused text.
+    * ``mlm``: side 1's masked ids through the text and cross encoders, cross-attending to the
+      (unmasked) side-2 states; loss at side 1's masked positions only.
+    """
+    side1 = model.encode_text(batch.text_ids, batch.text_mask)
+    side2 = model.encode_text(batch.target_ids, batch.target_mask)
+    feat1, feat2 = model.text_features(side1), model.text_features(side2)
+    losses = {"ttc": contrastive_loss(feat1, feat2, model.temp, ids=ids)}
+    if compute_itm and side1.shape[0] > 1:
+        first_neg, second_neg = sample_hard_negatives(feat1, feat2, model.temp, ids=ids, generator=generator)
+        logits = matching_logits(model, side1, batch.text_mask, side2, batch.target_mask, first_neg, second_neg)
+        losses["ttm"] = matching_loss(logits)
+    else:
+        losses["ttm"] = side1.new_zeros(())
+    logits = model.mlm_logits(batch.masked_ids, batch.text_mask, side2, batch.target_mask, batch.masked_pos)
+    losses["mlm"] = mlm_loss(logits, batch.masked_targets, global_count=all_reduce_sum(batch.masked_targets.ne(-100).sum()))
+    return losses
+
+
+def check_parallel_text_model(model_or_cfg) -> None:
+    """Parallel text needs the separate cross encoder (CCLM's ``CrossViewLM`` is an ``XVLMPlusBase``,
+    spec §1.7/§3.1) whose cross-attention reads text states, i.e. text width == vision width."""
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    if not cfg.cross_num_layers:
+        raise ValueError(
+            "config section 'mtexts': parallel text (CCLM TTC/TTM/MLM) needs the separate-cross-encoder model "
+            "(cross_num_layers > 0, e.g. a model converted with `x2vlm convert --text-encoder`); "
+            f"model {cfg.name!r} has its fusion layers inside the text encoder"
+        )
+    if cfg.text.hidden_size != cfg.vision.width:
+        raise ValueError(
+            f"config section 'mtexts': the cross encoder's cross-attention reads {cfg.vision.width}-wide vision tokens, "
+            f"but side-1 text states are {cfg.text.hidden_size} wide (text.hidden_size must equal vision.width)"
+        )
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Pre-training data (spec §3.3): sources as config, sample decoding, batches, bad data, the loader.
 
 ``PretrainLoader(source, model_cfg, tokenizer, rank, world_size, seed, num_workers)`` is an endless
-iterable of batches for one data source (image-text, region-text, video-text or text-only). The
+iterable of batches for one data source (image-text, region-text, video-text, text-only or CCLM
+parallel text: ``source_text``/``target_text`` lines, side 1 masked with the source's settings). The
 raw samples come from ``x2vlm.data.stream`` (sharding across ranks and workers, shuffle buffer,
 virtual epochs), ``x2vlm.data.pretrain_samples`` decodes them exactly as §3.3 says, and this module
 batches them inside the DataLoader workers (the DataLoader gets ``batch_size=None``), accounts for
@@ -55,7 +56,7 @@ from x2vlm.data.stream import TAG_BATCH, TAG_SAMPLE, ShardStream, Slot, StreamPo
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("image_text", "region_text", "video_text", "text")
+KINDS = ("image_text", "region_text", "video_text", "text", "parallel_text")
 PADDING_SOURCE = "<padding>"  # the source of region padding rows
 
 # Official field names per kind: (image/video key, caption key). X²-VLM configs use "binary"/"desc"
@@ -65,6 +66,7 @@ DEFAULT_KEYS: dict[str, tuple[str | None, str]] = {
     "region_text": ("binary", "caption"),
     "video_text": ("video_frames", "text"),
     "text": (None, "text"),
+    "parallel_text": (None, "source_text"),  # CCLM (WikiMatrix lines): side 1 "source_text", side 2 "target_text"
 }
 
 
@@ -84,6 +86,8 @@ class SourceConfig:
     prepended to relative ones). ``frame_len`` defaults to the model's. ``language`` fixes the
     language of dict captions (else random). ``iter_perc`` is the loss weight, carried for the loop.
     ``max_bad_fraction`` of skipped samples is tolerated once ``bad_check_after`` samples were read.
+    ``parallel_text``: ``caption_key`` names side 1 (default ``source_text``, masked for MLM) and
+    ``target_key`` side 2 (default ``target_text``, never masked); both use ``max_tokens``.
     ``name`` labels logs and decorrelates the random streams of sources of the same kind.
     """
 
@@ -95,6 +99,7 @@ class SourceConfig:
     min_perc_in_image: float = 0.5
     image_key: str | None = None
     caption_key: str | None = None
+    target_key: str | None = None  # parallel_text only: the side-2 field (default "target_text")
     image_is_path: bool | None = None
     image_root: str | None = None
     max_tokens: int = 40
@@ -127,6 +132,12 @@ class SourceConfig:
         default_image_key, default_caption_key = DEFAULT_KEYS[self.kind]
         self.image_key = self.image_key or default_image_key
         self.caption_key = self.caption_key or default_caption_key
+        if self.kind == "parallel_text":
+            self.target_key = self.target_key or "target_text"
+            if self.target_key == self.caption_key:
+                raise ValueError(f"source fields 'caption_key' and 'target_key' are both {self.caption_key!r}")
+        elif self.target_key is not None:
+            raise ValueError(f"source field 'target_key' is only for parallel_text sources, not {self.kind}")
         self.name = self.name or self.kind
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
@@ -272,7 +283,24 @@ class TextBatch(_Batch):
     info: BatchInfo | None = None
 
 
-PretrainBatch = ImageTextBatch | RegionTextBatch | VideoTextBatch | TextBatch
+@dataclass
+class ParallelTextBatch(_Batch):
+    """Parallel text (CCLM): side 1 (``text_*``, masked for MLM with the source's settings) and its
+    translation, side 2 (``target_ids``/``target_mask``, never masked)."""
+
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    masked_ids: torch.Tensor
+    masked_pos: torch.Tensor
+    masked_targets: torch.Tensor
+    target_ids: torch.Tensor  # (B, max_tokens) int64
+    target_mask: torch.Tensor
+    sources: list[str]
+    skipped: list[Skip] = field(default_factory=list)
+    info: BatchInfo | None = None
+
+
+PretrainBatch = ImageTextBatch | RegionTextBatch | VideoTextBatch | TextBatch | ParallelTextBatch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +513,9 @@ class BatchStream(IterableDataset):
             return ImageTextBatch(images=torch.stack([s.pixels for s in samples]), sources=sources, **text)
         if src.kind == "video_text":
             return VideoTextBatch(videos=torch.stack([s.pixels for s in samples]), sources=sources, **text)
+        if src.kind == "parallel_text":
+            target = texts([sample.target for sample in samples])
+            return ParallelTextBatch(target_ids=target["text_ids"], target_mask=target["text_mask"], sources=sources, **text)
         return TextBatch(sources=sources, **text)
 
 

@@ -92,6 +92,16 @@ class Sample:
 
 
 @dataclass
+class ParallelSample:
+    """A decoded parallel-text pair: side 1 (masked for MLM) and side 2 (unmasked)."""
+
+    text: TextItem
+    target: TextItem
+    source: str
+    pixels: None = None
+
+
+@dataclass
 class RegionItem:
     text: TextItem
     mask: torch.Tensor
@@ -168,6 +178,8 @@ class SampleDecoder:
             return self._region_text(record, blobs, raw.source, rng)
         if kind == "video_text":
             return self._video_text(record, blobs, raw.source, rng)
+        if kind == "parallel_text":
+            return self._parallel_text(record, raw.source, rng)
         return self._text(record, raw.source, rng)
 
     # -- records -----------------------------------------------------------------------------------
@@ -292,6 +304,20 @@ class SampleDecoder:
         _check_texts(value, self.source.caption_key)
         caption = self._clean(self._pick(_as_texts(value, self.source.caption_key), rng))
         return Sample(None, self._encode(caption, rng), source)
+
+    def _parallel_text(self, record: dict, source: str, rng: np.random.Generator) -> ParallelSample:
+        """CCLM parallel text: ``source_text`` (side 1, masked) and ``target_text`` (side 2, kept
+        whole), each a string (or a list / language dict, one picked like a caption)."""
+        sides = []
+        for key in (self.source.caption_key, self.source.target_key):
+            value = _require(record, key)
+            _check_texts(value, key)
+            sides.append(self._clean(self._pick(_as_texts(value, key), rng)))
+        first = self._encode(sides[0], rng)
+        pieces = self.tokenizer.tokenize(sides[1])[: self.source.max_tokens - 2]
+        tok = self.tokenizer
+        ids = [tok.cls_token_id, *(self.vocab.get(p, tok.unk_token_id) for p in pieces), tok.sep_token_id]
+        return ParallelSample(first, TextItem(ids, list(ids), [], []), source)
 
     def _check_region_record(self, record: dict) -> None:
         _require(record, self.source.image_key)

@@ -3,6 +3,10 @@ and multi-grained localisation (box L1 + GIoU), mixed in every optimizer step (s
 
     x2vlm pretrain --config configs/pretrain/small.yaml [--set optimizer.lr=3e-4 ...] [--resume DIR]
 
+With an ``mtexts`` section (CCLM multilingual adaptation, spec §3.1/§3.5) each step also draws a
+parallel-text batch and adds ``mtexts.iter_perc * (ttc + ttm + mlm)``; that needs the
+separate-cross-encoder model (``x2vlm convert --text-encoder``), see ``objectives.parallel_text_losses``.
+
 The same command runs in one process or under ``torchrun`` (DDP; FSDP with ``parallel: fsdp``).
 """
 
@@ -32,7 +36,8 @@ from x2vlm.train.state import latest_checkpoint, load_training_checkpoint, save_
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = {"images": "image_text", "regions": "region_text", "videos": "video_text", "texts": "text"}
+SOURCE_KINDS = {"images": "image_text", "regions": "region_text", "videos": "video_text", "texts": "text",
+                "mtexts": "parallel_text"}  # mtexts: CCLM parallel text (source_text / target_text)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class PretrainConfig:
     regions: SourceConfig | None = None
     videos: SourceConfig | None = None
     texts: SourceConfig | None = None
+    mtexts: SourceConfig | None = None  # parallel text (CCLM): needs the separate-cross-encoder model
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     steps: int = 1000
@@ -228,12 +234,16 @@ def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generato
         b = batches["texts"]
         logits = model.mlm_logits(b.masked_ids, b.text_mask, None, None, b.masked_pos)
         losses["text_mlm"] = O.mlm_loss(logits, b.masked_targets, global_count=all_reduce_sum(b.masked_targets.ne(-100).sum()))
+    if "mtexts" in batches:
+        b = batches["mtexts"]
+        ids = O.caption_ids(b.target_ids) if same_caption_matches else None
+        losses.update({f"mtext_{k}": v for k, v in O.parallel_text_losses(model, b, generator, compute_itm, ids=ids).items()})
     return losses
 
 
 def weighted_total(losses: dict[str, torch.Tensor], sources: dict[str, SourceConfig]) -> torch.Tensor:
     """Sum of all losses, each grain weighted by its source's ``iter_perc``."""
-    grain_source = {"image": "images", "region": "regions", "video": "videos", "text": "texts"}
+    grain_source = {"image": "images", "region": "regions", "video": "videos", "text": "texts", "mtext": "mtexts"}
     return sum(sources[grain_source[name.split("_")[0]]].iter_perc * value for name, value in losses.items())
 
 
@@ -284,8 +294,10 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.sources:
-        raise ValueError("config: no data source (images, regions, videos or texts) is configured")
+        raise ValueError("config: no data source (images, regions, videos, texts or mtexts) is configured")
     model, new_params = build_model(cfg)
+    if cfg.mtexts is not None:
+        O.check_parallel_text_model(model)
     model.to(dist_info.device)
     tokenizer = load_tokenizer(model.cfg.tokenizer)
     start_step, data_states, rng, state = 0, {}, None, None
