@@ -21,6 +21,7 @@ from PIL import Image
 
 import x2vlm
 from x2vlm.checkpoint import load_official, save_pretrained
+from x2vlm.cli import main as cli_main
 from x2vlm.config import preset
 from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform
@@ -137,9 +138,9 @@ def test_load_resolves_run_directories_and_stays_lazy(dirs, tmp_path):
     model = x2vlm.load(run)  # else its latest checkpoint
     assert model.directory == run / "checkpoints" / "step_00000002" and model.task == "retrieval"
     assert model.tokenizer.vocab_file.name == "vocab.txt" and model.tokenizer.vocab_size == 512
-    with pytest.raises(ValueError, match="is a file.*x2vlm convert"):
+    with pytest.raises(ValueError, match="is a checkpoint file: x2vlm.load needs preset=.*x2vlm convert"):
         load(dirs["vqa"] / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="model directory not found"):
+    with pytest.raises(FileNotFoundError, match="model directory or checkpoint not found"):
         load(tmp_path / "nowhere")
     # importing x2vlm does not import the inference module (and its task modules)
     code = "import sys, x2vlm; print('x2vlm.inference' in sys.modules, 'x2vlm.tasks.vqa' in sys.modules)"
@@ -320,6 +321,27 @@ def test_match_equals_the_retrieval_scores(models, images, retrieval_eval):
     np.testing.assert_allclose(model.embed_texts(raw_texts()[4]), text_features[4], atol=1e-5)
     # a pre-training model has the same heads
     assert models["pretrain"].match(paths[2], raw_texts()[3])["itc"] == pytest.approx(one["itc"], abs=1e-5)
+
+
+def test_official_checkpoint_file_loads_with_its_preset(models, images, tiny_state, tmp_path, capsys):
+    """An official pre-training file (layout of the released checkpoints) used directly for retrieval:
+    the same scores as the converted directory; the predict CLI reads it too."""
+    official = tmp_path / "x2vlm_tiny_pretrain.th"
+    torch.save({"model": tiny_state}, official)
+    model = load(official, preset="x2vlm-tiny", task="retrieval", tokenizer=TINY_VOCAB)
+    assert model.task == "retrieval" and model.directory is None and model.tokenizer.vocab_size == 512
+    paths, texts = image_paths(images), raw_texts()
+    expected = models["retrieval"].match(paths, texts)
+    result = model.match(paths, texts)
+    np.testing.assert_allclose(result["itc"], expected["itc"], atol=1e-6)
+    np.testing.assert_allclose(result["itm"], expected["itm"], atol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["predict", "match", "--model", str(official), "--preset", "x2vlm-tiny", "--task", "retrieval",
+                     "--tokenizer", str(TINY_VOCAB), "--image", str(paths[0]), "--text", texts[0]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.ravel(out["itm"])[0] == pytest.approx(float(expected["itm"][0, 0]), abs=1e-5)
+    with pytest.raises(ValueError, match="needs preset="):
+        load(official)
 
 
 def hits(result) -> list[int]:

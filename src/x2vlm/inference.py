@@ -56,6 +56,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -68,7 +69,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from x2vlm.checkpoint import _atomic_write, from_pretrained, resolve_trained_model_dir
+from x2vlm.checkpoint import _atomic_write, from_pretrained, infer_config, load_official, read_state_dict, resolve_trained_model_dir
+from x2vlm.config import preset
 from x2vlm.data.readers import read_ans2label, read_answer_list
 from x2vlm.data.text import pre_caption, pre_question
 from x2vlm.data.transforms import EvalTransform, as_rgb
@@ -80,7 +82,9 @@ from x2vlm.tasks import grounding as grounding_task
 from x2vlm.tasks import retrieval as retrieval_task
 from x2vlm.tasks import video_qa as video_qa_task
 from x2vlm.tasks import vqa as vqa_task
-from x2vlm.tokenizer import Tokenizer, model_tokenizer
+from x2vlm.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
+
+log = logging.getLogger(__name__)
 
 INFERENCE_FILE = "inference.json"
 ANSWER_LIST_FILE = "answer_list.json"
@@ -371,22 +375,46 @@ def model_fingerprint(model: X2VLM) -> str:
 
 # -- the model handle -----------------------------------------------------------------------------------
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         batch_size: int = DEFAULT_BATCH_SIZE) -> Model:
-    """A model for inference from one of our model directories or a run directory (a fine-tuning
-    run's ``best/``, else its latest checkpoint). The tokenizer is the directory's own (``vocab.txt``,
-    ``tokenizer.json`` or ``sentencepiece.bpe.model``), else the config's; ``device`` 'cpu', 'cuda[:N]' or 'mps'; ``dtype`` None/'fp32' or 'bf16'."""
+         batch_size: int = DEFAULT_BATCH_SIZE, preset: str | None = None, task: str | None = None,
+         tokenizer: str | Path | None = None, allow_unsafe_pickle: bool = False) -> Model:
+    """A model for inference.
+
+    ``path`` is one of our model directories, a run directory (a fine-tuning run's ``best/``, else its
+    latest checkpoint), or an official checkpoint file (``.th``/``.pth``/``.bin``/``.safetensors``), which
+    needs ``preset`` (its architecture, e.g. ``"x2vlm-base"``; sizes the file decides, such as the
+    resolution or the number of labels, are read from its tensors) and ``task`` when the file is a
+    pre-training checkpoint used for a task. The tokenizer is the directory's own (``vocab.txt``,
+    ``tokenizer.json`` or ``sentencepiece.bpe.model``), else ``tokenizer``, else the config's. An official
+    file carries no evaluation settings, so each task's defaults apply (pass ``answers=`` for VQA).
+    ``device`` 'cpu', 'cuda[:N]' or 'mps'; ``dtype`` None/'fp32' or 'bf16'."""
     path = Path(path)
-    if path.is_file() and path.name != "latest":
-        raise ValueError(f"{path} is a file; x2vlm.load reads a model directory (config.json + model.safetensors) or a "
-                         f"run directory. Convert an official checkpoint first: x2vlm convert {path} OUT_DIR --preset x2vlm-base")
     if not path.exists():
-        raise FileNotFoundError(f"model directory not found: {path}")
+        raise FileNotFoundError(f"model directory or checkpoint not found: {path}")
     dev = resolve_device(device)
     precision = resolve_dtype(dtype, dev)
+    if path.is_file() and path.name != "latest":
+        model = _official_model(path, preset, task, allow_unsafe_pickle)
+        return Model(model.to(dev), load_tokenizer(tokenizer or model.cfg.tokenizer), None, precision, batch_size)
     directory = resolve_trained_model_dir(path)
     model = from_pretrained(directory).to(dev)
-    tokenizer = model_tokenizer(directory, model.cfg.tokenizer)
-    return Model(model, tokenizer, directory, precision, batch_size)
+    model_tok = model_tokenizer(directory, str(tokenizer) if tokenizer else model.cfg.tokenizer)
+    return Model(model, model_tok, directory, precision, batch_size)
+
+
+def _official_model(path: Path, preset_name: str | None, task: str | None, allow_unsafe_pickle: bool) -> X2VLM:
+    """An official checkpoint file loaded strictly into the model its preset and tensors describe."""
+    if preset_name is None:
+        raise ValueError(f"{path} is a checkpoint file: x2vlm.load needs preset= (its architecture, e.g. 'x2vlm-base') "
+                         f"to read it (or convert it once: x2vlm convert {path} OUT_DIR --preset x2vlm-base)")
+    state = read_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    cfg = infer_config(state, preset(preset_name))
+    if task is not None:
+        cfg = cfg.replace(task=task)
+    model = X2VLM(cfg)
+    new = load_official(model, state)
+    if new:
+        log.warning("%s: not in the checkpoint, newly initialised (task %s): %s", path, cfg.task, ", ".join(new))
+    return model
 
 
 def _read_json(path: Path) -> Any:

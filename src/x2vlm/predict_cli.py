@@ -31,8 +31,14 @@ def add_predict_command(sub) -> None:
     tasks = predict.add_subparsers(dest="predict_command", required=True, metavar="{vqa,ground,caption,match,retrieve}")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, metavar="DIR",
-                       help="an x2vlm model directory, or a run directory (its best/, else its latest checkpoint)")
+        p.add_argument("--model", required=True, metavar="PATH",
+                       help="an x2vlm model directory, a run directory (its best/, else its latest checkpoint), "
+                            "or an official checkpoint file (with --preset)")
+        p.add_argument("--preset", help="an official checkpoint's architecture, e.g. x2vlm-base (needed for a file)")
+        p.add_argument("--task", help="an official pre-training checkpoint used for this task (e.g. retrieval)")
+        p.add_argument("--tokenizer", metavar="PATH", help="vocabulary / tokenizer when the model has none of its own")
+        p.add_argument("--allow-unsafe-pickle", action="store_true",
+                       help="read official files that pickle Python objects besides tensors (only files you trust)")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
         p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16 (bfloat16 autocast, cpu or cuda)")
         p.add_argument("--batch-size", type=int, default=64, metavar="N", help="items per forward pass (default 64)")
@@ -103,7 +109,8 @@ def add_predict_command(sub) -> None:
 def _load(args: argparse.Namespace):
     from x2vlm.inference import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, preset=args.preset,
+                task=args.task, tokenizer=args.tokenizer, allow_unsafe_pickle=args.allow_unsafe_pickle)
 
 
 def _print(document: dict[str, Any]) -> int:
