@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_VOCAB
 from x2vlm.demo import DEMO_TASKS, DemoSettings, run_demo
 from x2vlm.demo import run as demo_run
-from x2vlm.demo.report import HELD_OUT_ROWS, ROWS
+from x2vlm.demo.report import HELD_OUT_ROWS, MULTILINGUAL_LABEL, ROWS
 
 TINY_MODEL = ["model=x2vlm-tiny", f"model_changes.tokenizer={TINY_VOCAB}", "precision=fp32", "tensorboard=false"]
 PRETRAIN = TINY_MODEL + [
@@ -23,8 +23,14 @@ class Interrupted(Exception):
     pass
 
 
-def settings(out, ablation=False):
-    return DemoSettings(out_dir=out, size="tiny", seed=0, ablation=ablation, pretrain_overrides=PRETRAIN, finetune_overrides=FINETUNE)
+#: The multilingual stage at a minimal size: a 1-layer random text encoder, 2 CCLM and 2 English steps.
+TINY_MULTILINGUAL = demo_run.MultilingualBudget(cclm_steps=2, en_steps=2, batch_size=4, text_layers=1, vocab_size=200, control=True,
+                                               few_shot=4, few_steps=1)
+
+
+def settings(out, ablation=False, multilingual=False):
+    return DemoSettings(out_dir=out, size="tiny", seed=0, ablation=ablation, multilingual=multilingual,
+                        multilingual_budget=TINY_MULTILINGUAL, pretrain_overrides=PRETRAIN, finetune_overrides=FINETUNE)
 
 
 def numbers(table: str) -> list[str]:
@@ -78,6 +84,26 @@ def test_demo_every_stage_report_resume_and_repeat(tmp_path, monkeypatch):
         assert f"]({png})" in report
     for link in re.findall(r"\]\(([^)]+\.(?:png|yaml))\)", report):
         assert (out / link).exists(), link
+
+    # --multilingual after a finished demo runs only its stage (CCLM transfer in this process), recorded
+    # like the others, and adds its rows (per zero-shot language, their mean, English) to table and report
+    calls.clear()
+    with_ml = run_demo(settings(out, ablation=True, multilingual=True))
+    assert calls == []
+    state = json.loads((out / "demo_state.json").read_text())
+    assert list(state["stages"])[-1] == "multilingual" and set(state["stages"]) == expected | {"multilingual"}
+    ml = state["stages"]["multilingual"]["result"]
+    assert set(ml["zero_shot"]) >= {f"{lang}/r_mean" for lang in ("en", "de", "fr", "es")} and "control" in ml
+    assert set(ml["few_shot"]) >= {f"{lang}/r_mean" for lang in ("en", "de", "fr", "es")}
+    assert ml["chance"]["r_mean"] > 0 and ml["budget"]["cclm_steps"] == 2
+    ml_lines = [line for line in with_ml.splitlines() if line.startswith(MULTILINGUAL_LABEL)]
+    assert [line.split("  ")[1].strip() for line in ml_lines][:4] == ["R-mean, de", "R-mean, fr", "R-mean, es", "R-mean, mean de/fr/es"]
+    # CCLM zero-shot, control, few-shot, chance, CCLM minus control
+    assert all("n/a" not in line and len(numbers(line)) == 5 for line in ml_lines), ml_lines
+    report = (out / "report.md").read_text()
+    assert "### Multilingual retrieval" in report and report.count(f"| {MULTILINGUAL_LABEL} |") == 5
+    assert "--multilingual" in report and (out / "configs" / "multilingual_cclm.yaml").exists()
+    assert run_demo(settings(out, ablation=True, multilingual=True)) == with_ml  # finished: nothing runs again
 
     # the same seed gives the same table: run every training stage again on the same world
     for stage in list(state["stages"]):

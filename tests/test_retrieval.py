@@ -274,6 +274,24 @@ def test_cached_cross_attention_equals_the_uncached_path(tiny_state):
 
 
 @torch.no_grad()
+def test_cached_scores_do_not_depend_on_pair_order_or_repeats(tiny_state):
+    """Pairs sorted by text length into batches, texts self-attended once for all their images:
+    each pair's score is the one it gets alone, whatever else is in the call (repeated pairs, pairs
+    in both directions, texts of different lengths)."""
+    model = build_tiny("retrieval", tiny_state)
+    pixels, text_ids, text_mask = random_gallery()
+    gallery = encode_gallery(model, pixels, text_ids, text_mask, batch_size=4)
+    args = (model, gallery.vision_embeds, gallery.vision_mask, gallery.text_states, gallery.text_mask)
+    image_idx = torch.tensor([3, 0, 3, 6, 3, 1, 0])
+    text_idx = torch.tensor([10, 5, 10, 2, 5, 10, 0])  # (3, 10) twice; texts 5 and 10 are padded
+    together = cached_itm_scores(*args, image_idx, text_idx, batch_size=3)
+    alone = torch.cat([cached_itm_scores(*args, image_idx[k : k + 1], text_idx[k : k + 1]) for k in range(len(image_idx))])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[0], together[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(together, itm_scores(model, gallery, image_idx, text_idx), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_texts_encoded_by_length_keep_their_own_states(tiny_state):
     from x2vlm.tasks.retrieval import encode_text_range
 

@@ -129,6 +129,51 @@ def test_cached_cross_kv_fused_equals_explicit(tiny_state, monkeypatch):
     torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=RTOL)
 
 
+def test_reranking_shortcuts_give_the_full_fusion_cls(tiny_state):
+    """``fuse(cls_only=True)`` (last layer at CLS only) and ``self_attended=True`` (the first fusion
+    layer's self-attention computed once per text, ``fusion_self_attention``) give the CLS state of
+    the plain fusion, with padded texts, a partial vision mask and cached keys/values."""
+    model = build_tiny("retrieval", tiny_state)
+    g = torch.Generator().manual_seed(8)
+    vision, vision_mask = model.encode_images(torch.randn(3, 3, 64, 64, generator=g))
+    vision_mask[1, 6:11] = 0
+    ids = torch.randint(104, 512, (5, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    mask[4, 3:] = 0
+    rows = torch.tensor([0, 1, 2, 1, 1])
+    with torch.no_grad():
+        text = model.encode_text(ids, mask)
+        plain = model.fuse(text, mask, vision[rows], vision_mask[rows])
+        cls = model.fuse(text, mask, vision[rows], vision_mask[rows], cls_only=True)
+        assert cls.shape == (5, 1, plain.shape[-1])
+        torch.testing.assert_close(cls, plain[:, :1], atol=1e-5, rtol=0)
+        attended = model.fusion_self_attention(text, mask)
+        kv = model.cross_attention_kv(vision).select(rows)
+        for cls_only in (False, True):
+            short = model.fuse(attended, mask, None, vision_mask[rows], cross_kv=kv, cls_only=cls_only, self_attended=True)
+            torch.testing.assert_close(short, plain[:, :1] if cls_only else plain, atol=1e-5, rtol=0)
+        # texts self-attended once, then paired with every image: what the re-ranker does
+        torch.testing.assert_close(model.fuse(attended[[4, 4, 4]], mask[[4, 4, 4]], vision, vision_mask, cls_only=True, self_attended=True),
+                                   model.fuse(text[[4, 4, 4]], mask[[4, 4, 4]], vision, vision_mask)[:, :1], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="per-layer"):
+            model.fuse(text, mask, vision[rows], vision_mask[rows], output_hidden_states=True, cls_only=True)
+
+
+def test_last_layer_at_position_zero_with_a_mask_matrix(tiny_state):
+    """``run_layers(first_only=True)`` with a (B, L, L) mask (a causal or per-query mask) keeps row 0's mask."""
+    model = build_tiny("retrieval", tiny_state)
+    enc = model.text_encoder
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 6, model.cfg.text.hidden_size, generator=g)
+    matrix = torch.tril(torch.ones(6, 6))[None].repeat(2, 1, 1)
+    matrix[1, 0, 3] = 1  # row 0 of the second text also sees position 3
+    with torch.no_grad():
+        full, _ = enc.run_layers(hidden, matrix, 0, 2)
+        first, _ = enc.run_layers(hidden, matrix, 0, 2, first_only=True)
+    torch.testing.assert_close(first, full[:, :1], atol=1e-5, rtol=0)
+
+
 def test_attention_dropout_applies_in_training_only(tiny_state):
     cfg = build_tiny("pretrain", tiny_state).cfg.text
     cfg.attention_dropout = 0.5

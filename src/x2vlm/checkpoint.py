@@ -92,8 +92,10 @@ _RENAMES: list[tuple[str, str]] = [
     ("text_decoder.bert.", "answer_decoder."),
     ("text_decoder.cls.predictions.transform.", "answer_head.transform."),
     ("text_decoder.cls.predictions.bias", "answer_head.bias"),
+    # XVLMPlus / CCLM: ``mlm_head = BertOnlyMLMHead`` beside the text encoder, its decoder not tied
     ("mlm_head.predictions.transform.", "mlm_head.transform."),
     ("mlm_head.predictions.bias", "mlm_head.bias"),
+    ("mlm_head.predictions.decoder.weight", "mlm_head.decoder.weight"),
 ]
 
 # Keys that are copies of another tensor (weight tying); value = the key it must equal.
@@ -102,6 +104,7 @@ _TIED: dict[str, str] = {
     "text_encoder.cls.predictions.decoder.bias": "mlm_head.bias",
     "text_decoder.cls.predictions.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight",
     "text_decoder.cls.predictions.decoder.bias": "answer_head.bias",
+    "mlm_head.predictions.decoder.bias": "mlm_head.bias",
 }
 
 # Buffers the model regenerates for its own shape; loading ignores them by rule.
@@ -151,6 +154,8 @@ def native_to_official(model: X2VLM) -> dict[str, torch.Tensor]:
     """The model's weights in the official layout of its task's class, in the official key order,
     with the buffers (relative-position index, position ids) and tied aliases the releases store."""
     cfg = model.cfg
+    if cfg.cross_num_layers:
+        return _native_to_cclm(model)
     has_mlm = "mlm" in cfg.heads
     text_prefix = "text_encoder.bert." if has_mlm else "text_encoder."
     renames = [
@@ -177,6 +182,33 @@ def native_to_official(model: X2VLM) -> dict[str, torch.Tensor]:
             out[head + "decoder.bias"] = out[head + "bias"]
     if cfg.task == "captioning":
         out["crit_mask_lm_smoothed.one_hot"] = _smoothed_one_hot(cfg)
+    return out
+
+
+def _native_to_cclm(model: X2VLM) -> dict[str, torch.Tensor]:
+    """The CCLM / ``XVLMPlus*`` layout (spec §2.4): ``text_encoder.{embeddings,encoder}.*`` (a bare
+    RoBERTa/XLM-R, with its ``position_ids`` buffer), ``cross_encoder.encoder.layer.*``, the MLM head
+    at ``mlm_head.predictions.*`` with its own decoder (the word embeddings when ours is tied) and
+    ``decoder.bias`` aliasing ``predictions.bias``."""
+    cfg = model.cfg
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("mlm_head."):
+            continue
+        if key == "text_encoder.embeddings.word_embeddings.weight":
+            out["text_encoder.embeddings.position_ids"] = torch.arange(cfg.text.max_position_embeddings).unsqueeze(0)
+        out[key] = value
+        if key.endswith("attn.relative_position_bias_table"):
+            block = int(key.split(".")[2])
+            out[key.replace("bias_table", "index")] = model.vision_encoder.blocks[block].attn.relative_position_index.clone()
+    if "mlm" in cfg.heads:
+        head = model.mlm_head
+        for name, value in head.transform.state_dict().items():
+            out[f"mlm_head.predictions.transform.{name}"] = value
+        out["mlm_head.predictions.bias"] = head.bias.detach()
+        decoder = head.decoder.weight if cfg.untied_mlm_decoder else model.text_encoder.embeddings.word_embeddings.weight
+        out["mlm_head.predictions.decoder.weight"] = decoder.detach().clone()
+        out["mlm_head.predictions.decoder.bias"] = out["mlm_head.predictions.bias"]
     return out
 
 
@@ -319,6 +351,16 @@ def load_official(
     native, ignored = official_to_native(state)
     for note in ignored:
         log.debug("ignored %s", note)
+    if is_cclm_state(native) and not model.cfg.cross_num_layers:
+        raise ValueError(
+            f"{source}: a CCLM / XVLMPlus checkpoint (a separate cross encoder, cross_encoder.encoder.layer.*, and an "
+            f"XLM-R/RoBERTa text encoder of vocabulary {_text_vocab(native)}), but the model {model.cfg.name!r} has no cross "
+            "encoder. Its text encoder's configuration is missing: give the Hugging Face directory of the text encoder "
+            "it was trained with (XLM-R: config.json + sentencepiece.bpe.model) — `x2vlm convert SRC OUT --preset "
+            "x2vlm-base --text-encoder HF_DIR` — or, for training, a multilingual model config (`model:` a config.json "
+            "with cross_num_layers, as `x2vlm convert --text-encoder` writes)."
+        )
+    _tie_or_keep_mlm_decoder(native, model, source)
     if from_pretraining is None:
         from_pretraining = model.cfg.task != "pretrain" and "itm_head.0.weight" in native and "mlm_head.bias" in native
     allow_missing: tuple[str, ...] = ()
@@ -332,6 +374,31 @@ def load_official(
     for note in adapt_to_model(native, model):
         log.info("%s", note)
     return check_and_load(model, native, source, allow_missing)
+
+
+def is_cclm_state(native: Mapping[str, torch.Tensor]) -> bool:
+    """A CCLM / XVLMPlus state dict (native names): it has a separate cross encoder."""
+    return any(k.startswith("cross_encoder.") for k in native)
+
+
+def _text_vocab(native: Mapping[str, torch.Tensor]) -> str:
+    words = native.get("text_encoder.embeddings.word_embeddings.weight")
+    return "unknown" if words is None else str(words.shape[0])
+
+
+def _tie_or_keep_mlm_decoder(native: dict[str, torch.Tensor], model: X2VLM, source: str) -> None:
+    """An untied MLM decoder (``mlm_head.decoder.weight``) in the checkpoint for a model whose head is
+    tied: dropped when it equals the word embeddings, refused (by name) otherwise. Models without an
+    MLM head drop it with the head (``pretrain_to_task``)."""
+    key = "mlm_head.decoder.weight"
+    if key not in native or model.cfg.untied_mlm_decoder or "mlm" not in model.cfg.heads:
+        return
+    words = native.get("text_encoder.embeddings.word_embeddings.weight")
+    if words is not None and torch.equal(words, native[key]):
+        del native[key]
+        return
+    raise ValueError(f"{source}: the MLM decoder (mlm_head.predictions.decoder.weight) is not tied to the word embeddings; "
+                     "build the model with untied_mlm_decoder=true (infer_config / cclm_config set it from the checkpoint)")
 
 
 # -- our directory format ------------------------------------------------------------------------
@@ -466,7 +533,33 @@ def infer_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig) -> X2VLMC
         changes["frame_len"], changes["add_frame_pos"] = frames.shape[1], True
     elif base.add_frame_pos:
         changes["frame_len"], changes["add_frame_pos"] = 0, False
+    words = native.get("text_encoder.embeddings.word_embeddings.weight")
+    decoder = native.get("mlm_head.decoder.weight")
+    changes["untied_mlm_decoder"] = decoder is not None and (words is None or not torch.equal(words, decoder))
     return base.replace(**changes)
+
+
+def cclm_config(state: Mapping[str, torch.Tensor], base: X2VLMConfig, text_dir: str | Path | None) -> X2VLMConfig:
+    """The config of a released CCLM / XVLMPlus checkpoint (spec §2.4, §2.5.4): ``base`` (an X²-VLM
+    preset: vision tower, the cross encoder's BERT settings) adjusted to the file as ``infer_config``
+    does, the cross encoder as deep as the file's ``cross_encoder.encoder.layer.*``, and the text
+    encoder from the Hugging Face directory ``text_dir`` (its config.json and tokenizer; the file
+    alone does not say the text encoder's heads, eps or positions)."""
+    native, _ = official_to_native(state)
+    if not is_cclm_state(native):
+        raise ValueError("not a CCLM / XVLMPlus checkpoint: it has no cross_encoder.encoder.layer.* keys")
+    if text_dir is None:
+        raise ValueError(
+            f"a CCLM / XVLMPlus checkpoint (XLM-R/RoBERTa text encoder of vocabulary {_text_vocab(native)}, separate cross "
+            "encoder) needs its text encoder's configuration, which the file does not hold: pass the Hugging Face directory "
+            "it was trained with (--text-encoder HF_DIR: config.json + sentencepiece.bpe.model, e.g. xlm-roberta-base)"
+        )
+    cross_layers = 1 + max(int(k.split(".")[3]) for k in native if k.startswith("cross_encoder.encoder.layer."))
+    cfg = infer_config(state, base)
+    text = dataclasses.replace(cfg.text, num_layers=cfg.text.fusion_start + cross_layers)
+    untied = cfg.untied_mlm_decoder
+    cfg = multilingual_config(cfg.replace(text=dataclasses.asdict(text), untied_mlm_decoder=False), text_dir)
+    return cfg.replace(name=cfg.name.replace("-multilingual", "-cclm"), untied_mlm_decoder=untied)
 
 
 def regenerate_buffers_match(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -29,16 +29,21 @@ def _load_config_file(path: Path, task: str | None):
 def cmd_convert(args: argparse.Namespace) -> int:
     """Official checkpoint -> our directory (config.json, model.safetensors, tokenizer files); with
     ``--text-encoder`` the multilingual (separate cross encoder) model initialised from it."""
-    from x2vlm.checkpoint import infer_config, load_official, read_state_dict, save_pretrained
+    from x2vlm.checkpoint import cclm_config, infer_config, is_cclm_state, load_official, official_to_native, read_state_dict, save_pretrained
     from x2vlm.config import preset
     from x2vlm.models.x2vlm import X2VLM
     from x2vlm.tokenizer import load_tokenizer
 
     state = read_state_dict(args.src, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    cclm = is_cclm_state(official_to_native(state)[0])
     if args.config:
         cfg, explicit = _load_config_file(Path(args.config), args.task)
-        if not explicit:
+        if cclm and not cfg.cross_num_layers:  # an X²-VLM config: the text encoder's comes from --text-encoder
+            cfg = cclm_config(state, cfg, args.text_encoder)
+        elif not explicit:
             cfg = infer_config(state, cfg)
+    elif cclm:  # a released CCLM / XVLMPlus file: its own layout, text encoder config from --text-encoder
+        cfg = cclm_config(state, preset(args.preset), args.text_encoder)
     else:
         cfg = infer_config(state, preset(args.preset))
     changes = {k: v for k, v in (("task", args.task), ("image_res", args.image_res)) if v is not None}
@@ -48,7 +53,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     new = load_official(model, state)
     if new:
         log.warning("newly initialised (not in the checkpoint): %s", ", ".join(new))
-    if args.text_encoder:  # X²-VLM -> multilingual: new text encoder, fusion layers -> cross encoder
+    if cclm:  # already multilingual: the tokenizer is the text encoder's
+        tokenizer = load_tokenizer(args.tokenizer or args.text_encoder or cfg.tokenizer)
+    elif args.text_encoder:  # X²-VLM -> multilingual: new text encoder, fusion layers -> cross encoder
         from x2vlm.checkpoint import convert_to_multilingual
 
         model, new = convert_to_multilingual(model, args.text_encoder)
@@ -97,7 +104,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """World -> two-stage pre-training -> every task, pre-trained and from scratch -> table and report."""
     from x2vlm.demo import DemoSettings, run_demo
 
+    from x2vlm.demo.run import MultilingualBudget
+
     settings = DemoSettings(out_dir=Path(args.out), size=args.size, seed=args.seed, ablation=args.ablation,
+                            multilingual=args.multilingual or args.multilingual_control,
+                            multilingual_budget=MultilingualBudget(control=args.multilingual_control),
                             pretrain_overrides=args.set_pretrain, finetune_overrides=args.set_finetune)
     table = run_demo(settings)
     print(table)
@@ -165,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer: vocabulary name or file, tokenizer.json, .model or directory (default: the config's)")
     p.add_argument("--text-encoder", metavar="HF_DIR",
                    help="replace the text encoder with the Hugging Face RoBERTa/XLM-R/BERT model in HF_DIR; the fusion layers "
-                        "become a separate cross encoder (X²-VLM -> multilingual, as CCLM initialises from X²-VLM)")
+                        "become a separate cross encoder (X²-VLM -> multilingual, as CCLM initialises from X²-VLM); for a released "
+                        "CCLM / XVLMPlus checkpoint: the text encoder it was trained with (its config and tokenizer)")
     p.add_argument("--allow-unsafe-pickle", action="store_true", help="allow full unpickling for files that need it (runs code from the file: trusted files only)")
     p.set_defaults(func=cmd_convert)
 
@@ -197,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="small", choices=["small", "medium"], help="world size (default small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default 0)")
     p.add_argument("--ablation", action="store_true", help="also pre-train without region-text data and box losses and compare")
+    p.add_argument("--multilingual", action="store_true",
+                   help="also CCLM-adapt the pre-trained model to de/fr/es, fine-tune retrieval on English only and test every "
+                        "language (zero-shot cross-lingual transfer; about 7 more minutes at size small)")
+    p.add_argument("--multilingual-control", action="store_true",
+                   help="--multilingual plus the control: the same English fine-tuning without CCLM (about 2-3 minutes more); "
+                        "only on the run that performs the multilingual stage")
     p.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE", help="override a field of both pre-training configs")
     p.add_argument("--set-finetune", action="append", default=[], metavar="KEY=VALUE", help="override a field of every fine-tuning config")
     p.set_defaults(func=cmd_demo)

@@ -93,6 +93,9 @@ class X2VLMConfig:
     label_smoothing: float = 0.1  # captioning loss
     prompt: str = "a picture of "  # captioning prompt
     tokenizer: str = "bert-base-uncased"  # name of the WordPiece vocabulary, or a path to a vocab file
+    # The MLM head has its own decoder matrix (``mlm_head.decoder``) instead of the word embeddings:
+    # the official XVLMPlus/CCLM ``mlm_head = BertOnlyMLMHead`` is not tied (spec §1.7).
+    untied_mlm_decoder: bool = False
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -155,10 +158,13 @@ class X2VLMConfig:
 
     # -- I/O -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Every field; ``cross`` only when set (config files without it keep their old form)."""
+        """Every field; ``cross`` and ``untied_mlm_decoder`` only when set (config files without them
+        keep their old form)."""
         data = dataclasses.asdict(self)
         if data["cross"] is None:
             del data["cross"]
+        if not data["untied_mlm_decoder"]:
+            del data["untied_mlm_decoder"]
         return data
 
     @classmethod

@@ -16,7 +16,7 @@
 5. Few-shot: the English model further fine-tuned on ``--few-shot`` examples per target language
    (plus as many English ones), evaluated again.
 
-``--skip-cclm`` (ablation: steps 4-5 on the converted model without step 3) and ``--english-baseline``
+``--control`` (ablation: step 4 on the converted model without step 3) and ``--english-baseline``
 (reference: step 4 on the English model itself, its WordPiece tokenizer facing de/fr/es) measure what
 the adaptation adds.
 
@@ -144,6 +144,80 @@ def test_metrics(run: Path) -> dict[str, float]:
     return json.loads((run / "metrics.json").read_text())["results"]["test"]
 
 
+def transfer(world: Path, english: Path, out: Path, *, cclm_steps: int, en_steps: int, batch_size: int = 16, text_layers: int = 4,
+             vocab_size: int = 1000, control: bool = True, few_shot: int = 0, few_steps: int = 0, seed: int = 0,
+             changes: dict | None = None) -> dict:
+    """Steps 1-4 in this process (the demo's ``multilingual`` stage): text encoder, conversion, world
+    data, ``cclm_steps`` of CCLM adaptation, ``en_steps`` of English retrieval fine-tuning evaluated on
+    the four test languages; with ``control`` also the same fine-tuning of the converted model without
+    CCLM; with ``few_shot`` > 0 step 5, ``few_steps`` more of fine-tuning on ``few_shot`` captions per
+    language (``few_shot_file``), evaluated again. ``changes`` (e.g. ``precision``, ``tensorboard``) go into every run config.
+
+    Resumable: finished preparation steps are kept (``out/prepared.json``) and a finished run is not
+    trained again (its checkpoint is found and it is only re-evaluated); a run cut short restarts, as
+    its only checkpoint is written at its end. Returns the test metrics (``zero_shot``, ``control``,
+    ``few_shot``), the random-ranking
+    chance level, the data counts, the seconds of each step and the configs written."""
+    from x2vlm.checkpoint import resolve_model_dir
+    from x2vlm.config import X2VLMConfig
+    from x2vlm.demo.baselines import retrieval_chance
+    from x2vlm.train.finetune import build_finetune_config, run_finetuning
+    from x2vlm.train.finetune import config_to_yaml as finetune_yaml
+    from x2vlm.train.pretrain import build_pretrain_config, config_to_yaml, run_pretraining
+    from x2vlm.world.parallel import write_cclm_world_data
+
+    out.mkdir(parents=True, exist_ok=True)
+    changes = dict(changes or {})
+    timings: dict[str, float] = {}
+    configs: dict[str, str] = {}
+    prepared = out / "prepared.json"
+    t = time.perf_counter()
+    if prepared.exists():
+        counts = json.loads(prepared.read_text())["data"]
+    else:
+        english_cfg = X2VLMConfig.load(resolve_model_dir(english) / "config.json")
+        text = english_cfg.text
+        text_dir = make_text_encoder(world, out / "text_encoder", text.hidden_size, text_layers, text.num_heads,
+                                     vocab_size=vocab_size, seed=seed)
+        convert(english, text_dir, out / "converted")
+        counts = write_cclm_world_data(world, out / "data")
+        prepared.write_text(json.dumps({"data": counts}))
+    timings["prepare_s"] = time.perf_counter() - t
+    converted = out / "converted"
+    en_train = [str(world / "multilingual" / "coco_en_train.json")]
+
+    def finetune(name: str, init: Path, steps: int = en_steps, train_files: list[str] = en_train) -> dict:
+        started = time.perf_counter()
+        data = {**retrieval_config(world, init, out / name, steps, train_files, batch_size), "seed": seed, **changes}
+        cfg = build_finetune_config(data, f"multilingual {name}")
+        configs[name] = str(out / f"{name}.yaml")
+        Path(configs[name]).write_text(finetune_yaml(cfg))
+        summary = run_finetuning(cfg)
+        timings[f"{name}_s"] = time.perf_counter() - started
+        return summary["results"]["test"]
+
+    t = time.perf_counter()
+    data = cclm_config(world, out / "data", converted, out / "cclm", cclm_steps)
+    for section in ("images", "mtexts"):
+        data[section]["batch_size"] = batch_size
+    data.update(seed=seed, **changes)
+    cfg = build_pretrain_config(data, "multilingual cclm")
+    configs["cclm"] = str(out / "cclm.yaml")
+    Path(configs["cclm"]).write_text(config_to_yaml(cfg))
+    run_pretraining(cfg)
+    timings["cclm_s"] = time.perf_counter() - t
+    results = {"zero_shot": finetune("retrieval_en", out / "cclm")}
+    if control:
+        results["control"] = finetune("retrieval_en_no_cclm", converted)
+    if few_shot:
+        results["few_shot"] = finetune("retrieval_few", out / "retrieval_en" / "best", few_steps, few_shot_file(world, out, few_shot))
+    ml = world / "multilingual"
+    chance = retrieval_chance({"val_file": str(ml / "coco_en_val.json"), "test_file": str(ml / "coco_en_test.json"),
+                               "image_root": str(world / "images"), "max_tokens": 30, "k_test": 8}, ["test"])["test"]
+    return {"out_dir": str(out), "config": configs["cclm"], "configs": configs, "data": counts, "timings": timings,
+            "chance": chance, **results}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", default="runs/demo/world")
@@ -153,25 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cclm-steps", type=int, default=150)
     p.add_argument("--en-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--few-shot", type=int, default=100, help="training examples per target language (0: skip)")
+    p.add_argument("--few-shot", type=int, default=100, help="training captions per language for step 5 (0: skip)")
     p.add_argument("--few-steps", type=int, default=30)
-    p.add_argument("--skip-cclm", action="store_true", help="ablation: fine-tune the converted model without CCLM adaptation")
+    p.add_argument("--control", action="store_true", help="also fine-tune the converted model without CCLM adaptation")
     p.add_argument("--english-baseline", action="store_true",
                    help="reference instead: fine-tune the English model itself (its WordPiece text encoder) on English, evaluate every language")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     world, out = Path(args.world), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("cclm", "retrieval_en", "retrieval_few"):  # runs would resume from an earlier call's checkpoints
-        shutil.rmtree(out / stale, ignore_errors=True)
-    timings = {}
-    t0 = time.perf_counter()
-
-    from x2vlm.config import X2VLMConfig
-    from x2vlm.checkpoint import resolve_model_dir
-    from x2vlm.demo.baselines import retrieval_chance
-    from x2vlm.world.parallel import write_cclm_world_data
-
     if args.english_baseline:
         run = out / "retrieval_english_model"
         shutil.rmtree(run, ignore_errors=True)
@@ -181,52 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         run_cli(["finetune", "retrieval", "--config", str(cfg_path)])
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": {"english_model": test_metrics(run)}}, indent=1))
         return 0
-    english_cfg = X2VLMConfig.load(resolve_model_dir(args.english) / "config.json")
-    text_dir = make_text_encoder(world, out / "text_encoder", english_cfg.text.hidden_size, args.text_layers,
-                                 english_cfg.text.num_heads if english_cfg.text.hidden_size % english_cfg.text.num_heads == 0 else 6)
-    converted = convert(Path(args.english), text_dir, out / "converted")
-    counts = write_cclm_world_data(world, out / "data")
-    timings["prepare_s"] = time.perf_counter() - t0
-
-    adapted = converted
-    if not args.skip_cclm:
-        t = time.perf_counter()
-        cfg_path = out / "cclm.yaml"
-        cfg_path.write_text(yaml.safe_dump(cclm_config(world, out / "data", converted, out / "cclm", args.cclm_steps)))
-        run_cli(["pretrain", "--config", str(cfg_path)])
-        adapted = out / "cclm"
-        timings["cclm_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    en_run = out / "retrieval_en"
-    cfg_path = out / "retrieval_en.yaml"
-    cfg_path.write_text(yaml.safe_dump(retrieval_config(world, adapted, en_run, args.en_steps,
-                                                        [str(world / "multilingual" / "coco_en_train.json")], args.batch_size)))
-    run_cli(["finetune", "retrieval", "--config", str(cfg_path)])
-    timings["finetune_en_s"] = time.perf_counter() - t
-    results = {"zero_shot": test_metrics(en_run)}
-
-    if args.few_shot:
-        t = time.perf_counter()
-        few_run = out / "retrieval_few"
-        cfg = retrieval_config(world, en_run / "best", few_run, args.few_steps, few_shot_file(world, out, args.few_shot), args.batch_size)
-        cfg_path = out / "retrieval_few.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        run_cli(["finetune", "retrieval", "--config", str(cfg_path)])
-        timings["finetune_few_s"] = time.perf_counter() - t
-        results["few_shot"] = test_metrics(few_run)
-
-    chance = retrieval_chance({"val_file": str(world / "multilingual" / "coco_en_val.json"),
-                               "test_file": str(world / "multilingual" / "coco_en_test.json"), "image_root": str(world / "images"),
-                               "max_tokens": 30, "k_test": 8}, ["test"])["test"]
-    summary = {"settings": vars(args), "data": counts, "timings": timings, "chance": chance, "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    summary = transfer(world, Path(args.english), out, cclm_steps=args.cclm_steps, en_steps=args.en_steps, batch_size=args.batch_size,
+                       text_layers=args.text_layers, control=args.control, few_shot=args.few_shot, few_steps=args.few_steps)
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), **summary}, indent=1))
     keys = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
     lines = ["| setting | language | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for name, metrics in results.items():
-        for lang in LANGUAGES:
-            lines.append(f"| {name} | {lang} | " + " | ".join(f"{metrics[f'{lang}/{k}']:.1f}" for k in keys) + " |")
-    lines.append("| chance | any | " + " | ".join(f"{chance[k]:.1f}" for k in keys) + " |")
+    for name in ("zero_shot", "control", "few_shot"):
+        for lang in LANGUAGES if name in summary else ():
+            lines.append(f"| {name} | {lang} | " + " | ".join(f"{summary[name][f'{lang}/{k}']:.1f}" for k in keys) + " |")
+    lines.append("| chance | any | " + " | ".join(f"{summary['chance'][k]:.1f}" for k in keys) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

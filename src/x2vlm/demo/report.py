@@ -112,6 +112,36 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
+# -- the multilingual stage ------------------------------------------------------------------------
+MULTILINGUAL_LABEL = "Multilingual retrieval (zero-shot de/fr/es, English fine-tuning)"
+ZERO_SHOT = ("de", "fr", "es")
+
+
+def multilingual_rows(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """The ``multilingual`` stage's table: test ``r_mean`` (mean of the six recalls) per language, the
+    mean of de/fr/es, and English (the supervised language); columns CCLM-adapted (zero-shot), then,
+    when the stage ran them, the control (the same conversion and fine-tuning without CCLM), the
+    few-shot model (further fine-tuned on a few captions per language), the random-ranking chance and
+    CCLM's margin over the control."""
+    entry = stages.get("multilingual")
+    if entry is None:
+        return None
+    result = entry["result"]
+    chance = result["chance"]["r_mean"]
+    columns = [("CCLM-adapted, zero-shot", result["zero_shot"])]
+    for key, title in (("control", "no CCLM (control)"), ("few_shot", "CCLM-adapted, few-shot")):
+        if result.get(key) is not None:
+            columns.append((title, result[key]))
+    margin = result.get("control") is not None
+    head = ["task", "metric"] + [c[0] for c in columns] + ["chance"] + (["CCLM minus control"] if margin else [])
+    rows = []
+    for name, langs in [(lang, (lang,)) for lang in ZERO_SHOT] + [("mean de/fr/es", ZERO_SHOT), ("en (supervised)", ("en",))]:
+        values = [sum(m[f"{lang}/r_mean"] for lang in langs) / len(langs) for _, m in columns]
+        rows.append([MULTILINGUAL_LABEL, f"R-mean, {name}"] + [fmt([v]) for v in values] + [fmt([chance])]
+                    + ([f"{values[0] - values[1]:+.1f}"] if margin else []))
+    return head, rows
+
+
 # -- loss curves ------------------------------------------------------------------------------------
 def read_losses(run_dir: str | Path) -> list[dict[str, float]]:
     """The training records (those with a ``loss``) of a run's ``metrics.jsonl``."""
@@ -229,6 +259,25 @@ def write_report(settings, stages: dict[str, dict[str, Any]], tasks: list[dict[s
     terminal = ("X²-VLM on the generated world: test split, selected on validation (percent)\n"
                 + text_table(main_head, main_rows)
                 + "\n\nheld-out colour-shape pairs (never seen in training)\n" + text_table(held_head, held_rows))
+    multilingual = multilingual_rows(stages)
+    multilingual_md = ""
+    if multilingual:
+        ml_head, ml_rows = multilingual
+        budget = stages["multilingual"]["result"].get("budget", {})
+        terminal = terminal.replace("\n\nheld-out colour-shape pairs", "\n\n" + text_table(ml_head, ml_rows) + "\n\nheld-out colour-shape pairs", 1)
+        multilingual_md = (
+            "\n### Multilingual retrieval (zero-shot cross-lingual transfer)\n\n"
+            "The pre-trained model with its text encoder replaced by a randomly initialised RoBERTa-style encoder "
+            "(SentencePiece on the world's en/de/fr/es captions; no XLM-R offline), its fusion layers moved to a "
+            f"separate cross encoder, CCLM-adapted for {budget.get('cclm_steps', '?')} steps (image-text in four languages "
+            f"+ parallel text), fine-tuned on English retrieval only for {budget.get('en_steps', '?')} steps and tested on "
+            "every language: de/fr/es are zero-shot. "
+            + ("The control is the same fine-tuning of the converted model without CCLM. " if "control" in stages["multilingual"]["result"]
+               else "(No control at this budget: `--multilingual-control` adds the same fine-tuning without CCLM.) ")
+            + (f"Few-shot: the English fine-tuning continued for {budget.get('few_steps', '?')} steps on "
+               f"{budget.get('few_shot', '?')} training captions per language. " if "few_shot" in stages["multilingual"]["result"] else "")
+            + "R-mean is the mean of R@1/5/10 in both directions (test split); chance is a random ranking.\n\n"
+            + markdown_table(ml_head, ml_rows) + "\n")
     ablation_md = ""
     if any(name.endswith(":no_regions") for name in stages):
         abl_columns = ("pre", "no_regions", "chance")
@@ -266,7 +315,7 @@ def write_report(settings, stages: dict[str, dict[str, Any]], tasks: list[dict[s
 
     report = f"""# X²-VLM demo on the generated world
 
-Command: `x2vlm demo --out {settings.out_dir} --size {settings.size} --seed {settings.seed}{' --ablation' if settings.ablation else ''}`
+Command: `x2vlm demo --out {settings.out_dir} --size {settings.size} --seed {settings.seed}{' --ablation' if settings.ablation else ''}{' --multilingual' if getattr(settings, 'multilingual', False) else ''}`
 (world size {settings.size}, seed {settings.seed}; pre-training overrides {settings.pretrain_overrides or 'none'},
 fine-tuning overrides {settings.finetune_overrides or 'none'}).
 
@@ -281,7 +330,7 @@ training answer / label / caption, the mean training box). The last column is th
 margin over the one from scratch.
 
 {markdown_table(main_head, main_rows)}
-
+{multilingual_md}
 ### Held-out colour-shape pairs
 
 Pairs never seen in training ({held_pairs or 'see the world manifest'}): the world's `test_novel` split (grounding:

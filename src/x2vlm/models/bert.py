@@ -117,9 +117,33 @@ class MultiHeadAttention(nn.Module):
         """``kv``: keys and values from ``project_kv`` computed beforehand (``kv_input`` is then unused)."""
         batch, length, width = hidden.shape
         q = self._heads(self.self.query(hidden))
-        k, v = kv if kv is not None else self.project_kv(kv_input)
-        out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
+        if kv is None and length == 1 < kv_input.shape[1] and not self.training:
+            out = self._one_query_attention(q, kv_input, bias)
+        else:
+            k, v = kv if kv is not None else self.project_kv(kv_input)
+            out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
         return self.output(out.transpose(1, 2).reshape(batch, length, width), hidden)
+
+    def _one_query_attention(self, q: torch.Tensor, kv_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``attention(q, *project_kv(kv_input), bias)`` for a single query (B, heads, 1, d), without
+        projecting every input position: q.k_j = (q Wk) . x_j + q . bk, and since the probabilities
+        sum to one, sum_j p_j v_j = (sum_j p_j x_j) Wv^T + bv. Per head that is O(N * width) instead
+        of the O(N * width * hidden) key/value projections (the last fusion layer at CLS only)."""
+        heads, d = q.shape[1], q.shape[-1]
+        w_k = self.self.key.weight.view(heads, d, -1)  # (heads, d, in)
+        w_v = self.self.value.weight.view(heads, d, -1)
+        q = q[:, :, 0].transpose(0, 1)  # (heads, B, d)
+        scores = torch.bmm(torch.bmm(q, w_k).transpose(0, 1), kv_input.transpose(1, 2))  # (B, heads, N)
+        if self.self.key.bias is not None:
+            scores = scores + torch.bmm(q, self.self.key.bias.view(heads, d, 1).to(q.dtype)).transpose(0, 1)
+        scores = scores * d**-0.5
+        if bias is not None:  # (B, 1, 1, N) or (B, 1, 1 query, N)
+            scores = scores + bias[:, :, 0].to(scores.dtype)
+        mixed = torch.bmm(scores.softmax(dim=-1), kv_input)  # (B, heads, in)
+        out = torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2).to(mixed.dtype))  # (heads, B, d)
+        if self.self.value.bias is not None:
+            out = out + self.self.value.bias.view(heads, 1, d).to(out.dtype)
+        return out.transpose(0, 1).unsqueeze(2)  # (B, heads, 1, d)
 
 
 class Intermediate(nn.Module):
@@ -149,12 +173,35 @@ class TextLayer(nn.Module):
         cross_bias: torch.Tensor | None = None,
         history: torch.Tensor | None = None,
         cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> torch.Tensor:
         # ``history``: this layer's inputs at earlier positions (incremental decoding); keys and
         # values are computed over history + current tokens. ``cross_kv``: this layer's
         # cross-attention keys/values of the vision tokens, precomputed (``vision_states`` unused).
+        # ``first_only``: only position 0's output is computed (keys/values still cover every
+        # position): all an ITM / classification head reads of the last layer.
+        # ``self_attended``: ``hidden`` is already this layer's self-attention output
+        # (``self_attend``), e.g. computed once per text for many images.
+        if not self_attended:
+            hidden = self.self_attend(hidden, self_bias, history, first_only)
+        elif first_only:
+            hidden = hidden[:, :1]
+        return self.cross_and_feed_forward(hidden, vision_states, cross_bias, cross_kv)
+
+    def self_attend(self, hidden: torch.Tensor, self_bias: torch.Tensor | None, history: torch.Tensor | None = None,
+                    first_only: bool = False) -> torch.Tensor:
+        """The self-attention sub-block (it never looks at vision tokens)."""
         kv_input = hidden if history is None else torch.cat([history, hidden], dim=1)
-        hidden = self.attention(hidden, kv_input, self_bias)
+        if first_only:
+            hidden = hidden[:, :1]
+            if self_bias is not None and self_bias.shape[-2] > 1:  # a (B, 1, Lq, Lk) mask matrix
+                self_bias = self_bias[..., :1, :]
+        return self.attention(hidden, kv_input, self_bias)
+
+    def cross_and_feed_forward(self, hidden: torch.Tensor, vision_states: torch.Tensor | None, cross_bias: torch.Tensor | None,
+                               cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Cross-attention (when the layer has it and vision is given) and the feed-forward sub-block."""
         if self.crossattention is not None and (vision_states is not None or cross_kv is not None):
             hidden = self.crossattention(hidden, vision_states, cross_bias, kv=cross_kv)
         return self.output(self.intermediate(hidden), hidden)
@@ -258,9 +305,16 @@ class TextTransformer(nn.Module):
         output_hidden_states: bool = False,
         history: list[torch.Tensor] | None = None,
         cross_kv: CrossKV | None = None,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Layers ``[start, end)``: the last states, and (if asked, or with ``history``) the input of
         the first layer followed by every layer's output; otherwise an empty list.
+
+        ``first_only``: the last layer computes position 0 only, so the last states are (B, 1, H)
+        (the same values as ``[:, :1]`` of the full result; for heads that read the CLS state).
+        ``self_attended``: ``hidden`` is the output of layer ``start``'s self-attention sub-block
+        (``self_attention``), which is then skipped.
 
         With ``history`` (one tensor per layer in the range: the cached inputs of earlier positions),
         ``mask`` must be the (B, L_current, L_history + L_current) 0/1 matrix. With ``cross_kv``
@@ -277,6 +331,8 @@ class TextTransformer(nn.Module):
                 vision_mask = torch.ones(shape, dtype=torch.long, device=hidden.device)
             cross_bias = padding_bias(vision_mask, CROSS_ATTENTION_MASK_VALUE)
         keep = output_hidden_states or history is not None
+        if keep and (first_only or self_attended):
+            raise ValueError("run_layers: first_only / self_attended give no per-layer states")
         states = [hidden] if keep else []
         cross_index = 0
         for offset, layer in enumerate(self.encoder.layer[start:end]):
@@ -285,10 +341,15 @@ class TextTransformer(nn.Module):
             if cross_kv is not None and layer.crossattention is not None:
                 layer_kv = cross_kv.layer(cross_index)
                 cross_index += 1
-            hidden = layer(hidden, self_bias, vision_states, cross_bias, past, layer_kv)
+            hidden = layer(hidden, self_bias, vision_states, cross_bias, past, layer_kv,
+                           first_only=first_only and start + offset == end - 1, self_attended=self_attended and offset == 0)
             if keep:
                 states.append(hidden)
         return hidden, states
+
+    def self_attention(self, hidden: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s self-attention sub-block alone (for ``run_layers(..., self_attended=True)``)."""
+        return self.encoder.layer[layer].self_attend(hidden, self.self_attention_bias(mask))
 
     def cross_kv(self, vision_states: torch.Tensor, start: int, end: int) -> CrossKV:
         """The cross-attention keys/values of ``vision_states`` for the layers ``[start, end)``."""

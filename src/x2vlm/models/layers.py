@@ -23,6 +23,12 @@ def attention(
     """
     if bias is not None:
         bias = bias.to(q.dtype)
+    if k.shape[0] == 1 < q.shape[0] and (bias is None or (bias.shape[0] == 1 and bias.shape[-2] == 1)) and not return_probs:
+        # One key/value set for every row of queries (an image re-ranked against many texts):
+        # the rows become one long query, a single large product instead of many small ones.
+        batch, heads, length, width = q.shape
+        out, _ = attention(q.transpose(0, 1).reshape(1, heads, batch * length, width), k, v, bias, dropout_p)
+        return out.view(heads, batch, length, width).transpose(0, 1), None
     if not return_probs:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         return out, None

@@ -39,7 +39,12 @@ class X2VLM(nn.Module):
         self.vision_encoder = VisionTransformer(cfg.vision, cfg.image_res)
         self.text_encoder = TextTransformer(t, t.num_layers, cross_start=t.fusion_start, cross_width=cfg.vision.width)
         if "mlm" in heads:  # the official MLM head sits inside the text encoder (text_encoder.cls)
-            self.mlm_head = MLMHead(t)
+            if cfg.untied_mlm_decoder:  # XVLMPlus / CCLM: its own decoder matrix
+                from x2vlm.models.heads import UntiedMLMHead
+
+                self.mlm_head = UntiedMLMHead(t)
+            else:
+                self.mlm_head = MLMHead(t)
         self.cross_encoder = None
         if cfg.cross_num_layers:
             self.cross_encoder = TextTransformer(  # its own LayerNorm eps / dropout: cfg.cross (BERT's), else the text's
@@ -140,20 +145,33 @@ class X2VLM(nn.Module):
         vision_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         cross_kv: CrossKV | None = None,
+        cls_only: bool = False,
+        self_attended: bool = False,
     ):
         """Fusion layers: text states cross-attend to vision tokens (restricted by ``vision_mask``).
 
         ``cross_kv`` (from ``cross_attention_kv``, usually ``.select``-ed per text row) replaces
         ``vision_embeds``: the same result without projecting the vision tokens again. Without
-        either, cross-attention is skipped (text-only MLM)."""
+        either, cross-attention is skipped (text-only MLM).
+
+        Re-ranking shortcuts (the same values, less work): ``cls_only`` computes only the CLS state
+        of the last layer (returns (B, 1, H)); ``self_attended``: ``text_states`` come from
+        ``fusion_self_attention`` (the first fusion layer's self-attention does not depend on the
+        image, so it can be computed once per text)."""
         if vision_embeds is not None and cross_kv is not None:
             raise ValueError("fuse: give vision_embeds or cross_kv, not both")
         enc, start, end = self._fusion_layers()
         states, per_layer = enc.run_layers(
             text_states, text_mask, start, end, vision_embeds, vision_mask, output_hidden_states=output_hidden_states,
-            cross_kv=cross_kv,
+            cross_kv=cross_kv, first_only=cls_only, self_attended=self_attended,
         )
         return (states, per_layer) if output_hidden_states else states
+
+    def fusion_self_attention(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The first fusion layer's self-attention sub-block, which sees no vision: its output,
+        passed to ``fuse(..., self_attended=True)``, serves every image paired with the text."""
+        enc, start, _ = self._fusion_layers()
+        return enc.self_attention(text_states, text_mask, start)
 
     def cross_attention_kv(self, vision_embeds: torch.Tensor) -> CrossKV:
         """Every fusion layer's cross-attention keys/values of ``vision_embeds`` (B, 1+N, D), to be

@@ -462,26 +462,52 @@ def cached_itm_scores(model: X2VLM, vision_embeds: torch.Tensor, vision_mask: to
                       text_mask: torch.Tensor, image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int = DEFAULT_RERANK_BATCH
                       ) -> torch.Tensor:
     """ITM match logit of the pairs (image_idx[k] into ``vision_embeds``, text_idx[k] into
-    ``text_states``); each image's cross-attention keys/values are computed once for all its pairs.
+    ``text_states``), with no work done twice:
 
-    Pairs are batched by text length and each batch runs at the width of its longest text (padding
-    changes no output), so short captions do not pay for the longest one."""
+    * each image's cross-attention keys/values are computed once for all its pairs, and a batch
+      holds the pairs of one image, whose texts attend to those keys/values as one long query;
+    * the first fusion layer's self-attention, which does not look at the image, once per text;
+    * the last fusion layer only at the CLS position (the one the ITM head reads).
+
+    Within an image, pairs are batched by text length and each batch runs at the width of its
+    longest text (padding changes no output), so short captions do not pay for the longest one."""
     device = vision_embeds.device
     if len(image_idx) == 0:
         return torch.empty(0, device=device)
     used, rows = torch.unique(image_idx.to(device), return_inverse=True)
     cache = model.cross_attention_kv(vision_embeds[used])
     used_mask = vision_mask[used]
-    text_idx = text_idx.to(device)
-    order = torch.argsort(text_mask.sum(dim=1)[text_idx], stable=True)
+    texts, text_rows = torch.unique(text_idx.to(device), return_inverse=True)
+    attended = _fusion_self_attention(model, text_states[texts], text_mask[texts], batch_size)
+    attended_mask = text_mask[texts]
+    lengths = attended_mask.sum(dim=1)[text_rows]
+    order = torch.argsort(rows * (attended_mask.shape[1] + 1) + lengths, stable=True)  # by image, then text length
+    image_ends = torch.cumsum(torch.bincount(rows, minlength=len(used)), 0).tolist()
     scores = torch.empty(len(order), device=device)
+    image_start = 0
+    for image, image_end in enumerate(image_ends):
+        for start in range(image_start, image_end, batch_size):
+            batch = order[start : min(start + batch_size, image_end)]
+            u = text_rows[batch]
+            width = _used_width(attended_mask[u])
+            one = torch.tensor([image], device=device)
+            fused = model.fuse(attended[u, :width], attended_mask[u, :width], None, used_mask[one], cross_kv=cache.select(one),
+                               cls_only=True, self_attended=True)
+            scores[batch] = model.itm_logits(fused)[:, 1].float()
+        image_start = image_end
+    return scores
+
+
+def _fusion_self_attention(model: X2VLM, text_states: torch.Tensor, text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model.fusion_self_attention`` of every text, in batches by length, each at the width of its
+    longest text (zeros beyond it, like ``encode_text_range``'s states)."""
+    order = torch.argsort(text_mask.sum(dim=1), stable=True)
+    out = torch.zeros_like(text_states)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        r, t = rows[batch], text_idx[batch]
-        width = _used_width(text_mask[t])
-        fused = model.fuse(text_states[t, :width], text_mask[t, :width], None, used_mask[r], cross_kv=cache.select(r))
-        scores[batch] = model.itm_logits(fused)[:, 1].float()
-    return scores
+        width = _used_width(text_mask[batch])
+        out[batch, :width] = model.fusion_self_attention(text_states[batch, :width], text_mask[batch, :width]).to(out.dtype)
+    return out
 
 
 @dataclass
