@@ -72,19 +72,18 @@ INITS = {"pre": "pre-trained", "scratch": "from scratch", "no_regions": "pre-tra
 
 @dataclass(frozen=True)
 class MultilingualBudget:
-    """The ``multilingual`` stage's budget (``x2vlm.demo.cclm_transfer.transfer``). The default was
-    sized to add at most about 8 minutes at size small on a loaded 2-core CPU (measured: 6:56 without
-    the control; see the README)."""
+    """The ``multilingual`` stage's budget (``x2vlm.demo.cclm_transfer.transfer``): about 8 minutes at
+    size small on this 2-core CPU (measured 7:48 with these defaults, without the control; README)."""
 
-    cclm_steps: int = 60  # CCLM adaptation steps of batch_size images + batch_size parallel pairs
-    en_steps: int = 30  # English retrieval fine-tuning steps (then evaluated on en/de/fr/es)
+    cclm_steps: int = 150  # CCLM adaptation steps of batch_size images + batch_size parallel pairs
+    en_steps: int = 60  # English retrieval fine-tuning steps (then evaluated on en/de/fr/es)
     batch_size: int = 16
     text_layers: int = 4  # the random RoBERTa-style text encoder (no XLM-R offline)
     vocab_size: int = 1000  # its SentencePiece vocabulary
     control: bool = False  # also fine-tune the converted model without CCLM (the control; about 3.5 min more)
     few_shot: int = 100  # then fine-tune on this many training captions per language (0: no few-shot column)
     few_steps: int = 20
-    expected_s: float = 560  # for the ETA
+    expected_s: float = 480  # for the ETA
 
 
 @dataclass
