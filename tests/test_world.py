@@ -266,9 +266,9 @@ def test_checker_catches_a_corrupted_item(world, tmp_path, corrupt, expected):
 def test_same_seed_gives_identical_bytes(world, tmp_path):
     """Two generations in fresh interpreters with different hash seeds: every file, images, videos
     and the pickle included, must be byte-identical; and every file but the videos equals the
-    fixture's world generated inside the test process. (Videos generated inside the pytest process
-    have been seen to differ from a fresh interpreter's in a few frames of a few clips; the cause is
-    not found yet, so the videos are compared between fresh interpreters only.)"""
+    fixture's world generated inside the test process. (With libx264 the videos' bytes varied from run
+    to run for identical frames; the generator now encodes with FFmpeg's mpeg4 encoder and converts
+    colours itself. The in-process videos are still compared between fresh interpreters only.)"""
     runs = []
     for hash_seed in ("12345", "777"):
         again = tmp_path / f"again_{hash_seed}"

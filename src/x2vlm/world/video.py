@@ -1,6 +1,6 @@
 """Short clips of the world: objects that move, appear, disappear or change colour.
 
-A clip is written as a real H.264 ``.mp4`` (PyAV, yuv420p); its ground truth lists every
+A clip is written as a real MPEG-4 Part 2 ``.mp4`` (PyAV, yuv420p); its ground truth lists every
 object's state in every frame, from which captions and answers can be re-derived.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -18,8 +19,8 @@ from x2vlm.world.language import NounPhrase, english_noun_phrase, join_list, sen
 from x2vlm.world.render import DrawnObject, draw_objects, finish, render_background
 from x2vlm.world.scene import Background, Box, occlusion_ok, sample_background
 
-VIDEO_CODEC = "libx264"
-VIDEO_CRF = "14"
+VIDEO_CODEC = "mpeg4"  # FFmpeg's own MPEG-4 Part 2 encoder: libx264 gave different bytes from run to run for identical frames
+VIDEO_BIT_RATE = 2_000_000  # bits per second: near-lossless for 64-px clips, so colours and shapes survive
 
 
 @dataclass(frozen=True)
@@ -228,17 +229,42 @@ def render_clip(clip: Clip) -> np.ndarray:
     return np.stack(frames)
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB frame as the (3H/2, W) planar YUV 4:2:0 array the encoder takes: BT.601
+    limited range (what decoders assume for untagged SD video), chroma averaged over 2 x 2 pixels.
+
+    Done here rather than by the encoder's own conversion (libswscale), whose output was seen to vary
+    from run to run for identical frames, which made the videos' bytes non-deterministic."""
+    height, width = frame.shape[:2]
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even frame sides, got {width}x{height}")
+    rgb = frame.astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    luma = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    blue = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    red = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+
+    def quarter(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).reshape(-1) for p in (luma, quarter(blue), quarter(red))]
+    return np.concatenate(planes).reshape(height * 3 // 2, width)
+
+
 def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
-    """H.264/yuv420p mp4 with deterministic bytes (single-threaded encoder, bit-exact muxer)."""
+    """MPEG-4 Part 2 / yuv420p mp4 with deterministic bytes (our own colour conversion, FFmpeg's
+    single-threaded mpeg4 encoder, bit-exact muxer)."""
     with av.open(path, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(VIDEO_CODEC, rate=fps)
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": VIDEO_CRF, "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        stream.bit_rate = VIDEO_BIT_RATE
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            picture.pts, picture.time_base = index, Fraction(1, fps)  # explicit timestamps: rate control reads them
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
