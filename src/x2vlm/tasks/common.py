@@ -221,6 +221,30 @@ def mean_over_languages(per_language: dict[str, dict[str, float]]) -> dict[str, 
     return result
 
 
+def load_eval_sets(split_files: dict[str, Any], load: Callable[[Any], Any]) -> dict[str, Any]:
+    """``split -> (file, items)``, or ``split -> {language: (file, items)}`` where the split names one
+    file per language (``file_or_language_files``); ``load`` reads one file."""
+    return {split: {lang: (path, load(path)) for lang, path in files.items()} if isinstance(files, dict) else (files, load(files))
+            for split, files in split_files.items()}
+
+
+def eval_set_sizes(eval_sets: dict[str, Any]) -> str:
+    """``val 120, test/de 80, ...``: the number of items of every split (and language) for the log."""
+    return ", ".join(f"{split}{LANGUAGE_SEPARATOR}{lang} {len(v[1])}" if lang else f"{split} {len(v[1])}"
+                     for split, sets in eval_sets.items() for lang, v in (sets.items() if isinstance(sets, dict) else [(None, sets)]))
+
+
+def evaluate_eval_set(task: str, eval_sets: dict[str, Any], split: str, evaluate_file: Callable[[Any, Any], dict[str, float]]) -> dict[str, float]:
+    """One split's metrics from ``load_eval_sets``' entries: ``evaluate_file(path, items)`` for a single
+    file, else every language's with their mean (``mean_over_languages``)."""
+    if split not in eval_sets:
+        raise ValueError(f"{task}: unknown split {split!r}; configured: {list(eval_sets)}")
+    sets = eval_sets[split]
+    if isinstance(sets, tuple):
+        return evaluate_file(*sets)
+    return mean_over_languages({lang: evaluate_file(path, items) for lang, (path, items) in sets.items()})
+
+
 def selection_metric_key(data: dict, val: Any, known: Sequence[str], default: str, where: str) -> str:
     """``selection_metric`` of a data section: one of ``known`` (the mean over languages when the
     validation split ``val`` is a mapping language -> file) or, then, one language's

@@ -65,10 +65,12 @@ from x2vlm.tasks.common import (
     bool_key,
     check_keys,
     crop_scale_key,
+    eval_set_sizes,
+    evaluate_eval_set,
     evenly_spaced_subset,
     file_or_language_files,
     gather_tensors,
-    mean_over_languages,
+    load_eval_sets,
     model_device,
     optional_positive_int_key,
     positive_int_key,
@@ -227,21 +229,14 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     def load(path: str) -> list[NLVRItem]:
         return evenly_spaced_subset(load_nlvr_file(path, max_words), subset, str(path))
 
-    # split -> (file, items), or split -> {language: (file, items)} (MaRVL)
-    eval_sets = {split: {lang: (path, load(path)) for lang, path in files.items()} if isinstance(files, dict) else (files, load(files))
-                 for split, files in split_files.items()}
-    counts = [f"{split}/{lang} {len(v[1])}" if lang else f"{split} {len(v[1])}" for split, sets in eval_sets.items()
-              for lang, v in (sets.items() if isinstance(sets, dict) else [(None, sets)])]
-    log.info("nlvr: %d training statements; %s", len(train_items), ", ".join(counts))
+    eval_sets = load_eval_sets(split_files, load)
+    log.info("nlvr: %d training statements; %s", len(train_items), eval_set_sizes(eval_sets))
 
     def evaluate(model, split: str, ctx: EvalContext) -> dict[str, float]:
-        if split not in eval_sets:
-            raise ValueError(f"nlvr: unknown split {split!r}; configured: {list(eval_sets)}")
-        sets = eval_sets[split]
-        if isinstance(sets, tuple):
-            return evaluate_nlvr(model, sets[1], image_root, tokenizer, model_cfg.image_res, max_tokens, sets[0], ctx)
-        return mean_over_languages({lang: evaluate_nlvr(model, items, image_root, tokenizer, model_cfg.image_res, max_tokens, path, ctx)
-                                    for lang, (path, items) in sets.items()})
+        def evaluate_file(path, items):
+            return evaluate_nlvr(model, items, image_root, tokenizer, model_cfg.image_res, max_tokens, path, ctx)
+
+        return evaluate_eval_set("nlvr", eval_sets, split, evaluate_file)
 
     return FinetuneTask(
         name="nlvr",

@@ -43,18 +43,19 @@ from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
-    LANGUAGE_SEPARATOR,
     EvalContext,
     FinetuneTask,
     bool_key,
     check_keys,
     crop_scale_key,
+    eval_set_sizes,
+    evaluate_eval_set,
     evenly_spaced_subset,
     extra_eval_files_key,
     file_or_language_files,
     gather_tensors,
     grouped_order,
-    mean_over_languages,
+    load_eval_sets,
     model_device,
     optional_positive_int_key,
     positive_int_key,
@@ -216,20 +217,14 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
     def load(path: str) -> list[XVNLIItem]:
         return evenly_spaced_subset(load_xvnli_file(path, image_root, max_words), subset, path)
 
-    eval_sets = {split: {lang: (path, load(path)) for lang, path in files.items()} if isinstance(files, dict) else (files, load(files))
-                 for split, files in split_files.items()}
-    counts = [f"{split}{LANGUAGE_SEPARATOR}{lang} {len(v[1])}" if lang else f"{split} {len(v[1])}" for split, sets in eval_sets.items()
-              for lang, v in (sets.items() if isinstance(sets, dict) else [(None, sets)])]
-    log.info("xvnli: %d training hypotheses; %s", len(train_items), ", ".join(counts))
+    eval_sets = load_eval_sets(split_files, load)
+    log.info("xvnli: %d training hypotheses; %s", len(train_items), eval_set_sizes(eval_sets))
 
     def evaluate(model, split: str, ctx: EvalContext) -> dict[str, float]:
-        if split not in eval_sets:
-            raise ValueError(f"xvnli: unknown split {split!r}; configured: {list(eval_sets)}")
-        sets = eval_sets[split]
-        if isinstance(sets, tuple):
-            return evaluate_xvnli(model, sets[1], tokenizer, model_cfg.image_res, max_tokens, sets[0], ctx)
-        return mean_over_languages({lang: evaluate_xvnli(model, items, tokenizer, model_cfg.image_res, max_tokens, path, ctx)
-                                    for lang, (path, items) in sets.items()})
+        def evaluate_file(path, items):
+            return evaluate_xvnli(model, items, tokenizer, model_cfg.image_res, max_tokens, path, ctx)
+
+        return evaluate_eval_set("xvnli", eval_sets, split, evaluate_file)
 
     return FinetuneTask(
         name="xvnli",
