@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from x2vlm import X2VLM, preset  # noqa: E402
 from x2vlm.tasks import retrieval  # noqa: E402
 from x2vlm.tasks.retrieval import NOT_A_CANDIDATE, RerankSettings, RetrievalScores, TensorVision, two_stage_retrieval  # noqa: E402
 from x2vlm.train.metrics import (  # noqa: E402
+    cpu_name,
     Spread,
     count_step_flops,
     matmul_rates,
@@ -249,16 +249,6 @@ def retrieval_workload(workload: str, size: RetrievalSize, precisions: list[str]
 
 
 # -- main ----------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, help="timed runs per figure (default 5; --quick: 2)")

@@ -146,7 +146,8 @@ def test_mlm_is_side1_masked_ids_attending_to_side2_at_side1_masked_positions_on
 def ml_model(tmp_path_factory) -> Path:
     """SentencePiece on the pairs, a random RoBERTa-style encoder in the Hugging Face layout, and the tiny
     X²-VLM pre-training model converted to the multilingual layout (``convert_to_multilingual``)."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     from x2vlm.checkpoint import convert_to_multilingual, save_pretrained
     from x2vlm.models.x2vlm import X2VLM
 

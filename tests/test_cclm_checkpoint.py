@@ -38,7 +38,8 @@ HEADS = [f"{head}.{i}.{p}" for head in ("itm_head", "bbox_head") for i in (0, 1,
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     """What a CCLM release is used with: the XLM-R directory (config.json + sentencepiece.bpe.model), tiny."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     out = tmp_path_factory.mktemp("xlmr")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 3), model_writer=model, vocab_size=80, hard_vocab_limit=False,

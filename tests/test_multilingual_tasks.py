@@ -192,7 +192,8 @@ def xlmr_dir(world, tmp_path_factory):
     """A Hugging Face XLM-R-style directory: a SentencePiece model trained on the world's captions in
     four languages, ``config.json`` and random ``model.safetensors`` (``roberta.`` names), the tiny
     X²-VLM's text width."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     out = tmp_path_factory.mktemp("xlmr")
     sentences = [pair["caption"] for lang in LANGUAGES for pair in json.loads((world / "multilingual" / f"coco_{lang}_train.json").read_text())]
     model = io.BytesIO()

@@ -12,14 +12,13 @@ import random
 
 import pytest
 import torch
+import transformers
 from conftest import build_tiny
 
 from x2vlm.checkpoint import CheckpointMismatchError, convert_to_multilingual, from_pretrained, native_to_official
 from x2vlm.cli import main as cli_main
 from x2vlm.models.hf_text import read_hf_text_config, rename_hf_text_key, text_encoder_from_hf
 from x2vlm.tokenizer import SentencePieceTokenizer, WordPieceTokenizer, load_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +58,9 @@ def world_sentences(count: int = 400) -> list[str]:
 @pytest.fixture(scope="module")
 def spm():
     """The sentencepiece library: trains the test's model and is the reference for its ids."""
-    return pytest.importorskip("sentencepiece")
+    import sentencepiece
+
+    return sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def spm_dir(spm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_tokenizer(spm_dir):
     """transformers' XLM-R tokenizer of ``spm_dir`` (converting the .model needs protobuf)."""
-    pytest.importorskip("google.protobuf")
+    import google.protobuf  # noqa: F401  (transformers converts the .model file with it)
+
     return transformers.XLMRobertaTokenizer.from_pretrained(str(spm_dir))
 
 

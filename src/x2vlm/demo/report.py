@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -216,13 +215,10 @@ def plot_finetuning(stages: dict[str, dict[str, Any]], tasks: list[str], out_png
 def machine_description() -> str:
     import torch
 
+    from x2vlm.train.metrics import cpu_name
     from x2vlm.train.pretrain import cpu_has_bf16_matmul
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):  # no /proc/cpuinfo (not Linux): keep platform's name
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     accel = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else (
         "CPU with bf16 matrix units (bf16 autocast)" if cpu_has_bf16_matmul() else "CPU without bf16 matrix units (fp32)")
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {accel}; "

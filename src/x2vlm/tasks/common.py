@@ -221,6 +221,16 @@ def mean_over_languages(per_language: dict[str, dict[str, float]]) -> dict[str, 
     return result
 
 
+def gathered_accuracy(model, mine: Sequence[int], correct: np.ndarray, total: int, ctx: EvalContext, source: str, what: str) -> dict[str, float]:
+    """``acc`` (%) over ``total`` items of which this rank judged ``mine`` (``correct``: one bool each):
+    gathered from every rank, each item checked to be counted exactly once; every rank returns it."""
+    local = torch.tensor(np.column_stack([np.asarray(mine, dtype=np.int64), correct]).reshape(-1, 2), dtype=torch.long)
+    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
+    if sorted(gathered[:, 0].tolist()) != list(range(total)):
+        raise RuntimeError(f"{source}: evaluated {len(gathered)} {what}, expected each of {total} once")
+    return {"acc": 100.0 * gathered[:, 1].double().mean().item()}
+
+
 def load_eval_sets(split_files: dict[str, Any], load: Callable[[Any], Any]) -> dict[str, Any]:
     """``split -> (file, items)``, or ``split -> {language: (file, items)}`` where the split names one
     file per language (``file_or_language_files``); ``load`` reads one file."""

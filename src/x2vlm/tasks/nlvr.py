@@ -60,6 +60,7 @@ from x2vlm.data.transforms import (
 )
 from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
+    gathered_accuracy,
     EvalContext,
     FinetuneTask,
     bool_key,
@@ -69,7 +70,6 @@ from x2vlm.tasks.common import (
     evaluate_eval_set,
     evenly_spaced_subset,
     file_or_language_files,
-    gather_tensors,
     load_eval_sets,
     model_device,
     optional_positive_int_key,
@@ -196,11 +196,7 @@ def evaluate_nlvr(model, items: list[NLVRItem], image_root: str | None, tokenize
     mine = shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size)
     preds = predict_nlvr(model, items, mine, image_root, tokenizer, res, max_tokens, source, ctx.batch_size, ctx.autocast)
     labels = np.array([items[i].label for i in mine], dtype=np.int64)
-    local = torch.tensor(np.column_stack([np.asarray(mine, dtype=np.int64), preds == labels]), dtype=torch.long)
-    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
-    if sorted(gathered[:, 0].tolist()) != list(range(len(items))):
-        raise RuntimeError(f"{source}: evaluated {len(gathered)} statements, expected each of {len(items)} once")
-    return {"acc": 100.0 * gathered[:, 1].double().mean().item()}
+    return gathered_accuracy(model, mine, preds == labels, len(items), ctx, source, "statements")
 
 
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer, where: str) -> FinetuneTask:

@@ -43,6 +43,7 @@ from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
+    gathered_accuracy,
     EvalContext,
     FinetuneTask,
     bool_key,
@@ -53,7 +54,6 @@ from x2vlm.tasks.common import (
     evenly_spaced_subset,
     extra_eval_files_key,
     file_or_language_files,
-    gather_tensors,
     grouped_order,
     load_eval_sets,
     model_device,
@@ -183,11 +183,7 @@ def evaluate_xvnli(model, items: list[XVNLIItem], tokenizer: Tokenizer, res: int
     mine = [order[i] for i in shard_range(len(order), ctx.dist_info.rank, ctx.dist_info.world_size)]
     preds = predict_xvnli(model, items, mine, tokenizer, res, max_tokens, source, ctx.batch_size, ctx.autocast)
     labels = np.array([items[i].label for i in mine], dtype=np.int64)
-    local = torch.tensor(np.column_stack([np.asarray(mine, dtype=np.int64), preds == labels]).reshape(-1, 2), dtype=torch.long)
-    gathered = gather_tensors(local.to(model_device(model)), ctx.dist_info).cpu()
-    if sorted(gathered[:, 0].tolist()) != list(range(len(items))):
-        raise RuntimeError(f"{source}: evaluated {len(gathered)} hypotheses, expected each of {len(items)} once")
-    return {"acc": 100.0 * gathered[:, 1].double().mean().item()}
+    return gathered_accuracy(model, mine, preds == labels, len(items), ctx, source, "hypotheses")
 
 
 def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: str) -> FinetuneTask:

@@ -4,9 +4,11 @@ source commit)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -144,14 +146,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):  # not Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def peak_rss() -> int | None:
     """Peak resident memory (bytes) of this process since start or the last ``reset_peak_rss``."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     try:
         import resource
     except ImportError:
@@ -173,7 +182,7 @@ def source_commit(start: str | Path | None = None) -> str:
             git = (folder / text.split(":", 1)[1].strip()).resolve()
         if not git.is_dir():
             continue
-        try:
+        with contextlib.suppress(OSError):
             head = (git / "HEAD").read_text().strip()
             if not head.startswith("ref:"):
                 return head[:7]
@@ -188,7 +197,5 @@ def source_commit(start: str | Path | None = None) -> str:
                     for line in packed.read_text().splitlines():
                         if line.endswith(" " + ref):
                             return line.split()[0][:7]
-        except OSError:
-            pass
         return "unknown"
     return "unknown"
