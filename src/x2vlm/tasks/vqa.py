@@ -558,14 +558,21 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
         return draw_predictions(model, splits[drawn_split], image_roots, tokenizer, settings, answer_list, out_dir)
 
+    return _vqa_task(VQATrainSet(train_examples, image_roots, settings), evaluate, list(splits), draw, answer_list, settings, tokenizer)
+
+
+def _vqa_task(train_set, evaluate, eval_splits: list[str], draw, answer_list: list[str], settings: VQASettings,
+              tokenizer) -> FinetuneTask:
+    """The VQA fine-tuning task (VQA v2 or xGQA files): decoder loss, accuracy selection, and the
+    answer list and settings inference needs."""
     return FinetuneTask(
         name="vqa",
         model_task="vqa",
-        train_set=VQATrainSet(train_examples, image_roots, settings),
+        train_set=train_set,
         collate=make_collate(tokenizer, settings.max_tokens),
         loss=vqa_loss,
         evaluate=evaluate,
-        eval_splits=list(splits),
+        eval_splits=eval_splits,
         selection_metric="acc",
         draw=draw,
         lr_mult_prefixes=DECODER_PREFIXES,
@@ -612,18 +619,5 @@ def _build_gqa_task(data: dict, train_files: list[str], settings: VQASettings, i
     def draw(model, out_dir: Path, ctx: EvalContext) -> list[Path]:
         return draw_predictions(model, drawn, image_roots, tokenizer, settings, answer_list, out_dir)
 
-    return FinetuneTask(
-        name="vqa",
-        model_task="vqa",
-        train_set=VQATrainSet(train_examples, image_roots, settings, scores),
-        collate=make_collate(tokenizer, settings.max_tokens),
-        loss=vqa_loss,
-        evaluate=evaluate,
-        eval_splits=list(splits),
-        selection_metric="acc",
-        draw=draw,
-        lr_mult_prefixes=DECODER_PREFIXES,
-        inference_files={"answer_list.json": answer_list, "inference.json": {
-            "task": "vqa", "max_tokens": settings.max_tokens, "k_test": settings.k_test,
-            "double_count_first_token": settings.double_count_first_token}},
-    )
+    return _vqa_task(VQATrainSet(train_examples, image_roots, settings, scores), evaluate, list(splits), draw, answer_list, settings,
+                     tokenizer)
