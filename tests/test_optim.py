@@ -49,3 +49,23 @@ def test_linear_warmup_then_linear_decay_to_min_rate(warmup):
     assert values[55] == pytest.approx(1.0 - 0.9 * 0.5)  # halfway through the decay
     assert values[100] == pytest.approx(0.1) and min(values[10:]) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))  # never above 1 after warm-up
+
+
+def test_fusion_layers_take_their_own_rate_when_asked():
+    model = X2VLM(preset("x2vlm-tiny"))
+    start, total = model.num_text_layers, model.text_encoder.num_layers
+    assert 0 < start < total
+    fusion_query = f"text_encoder.encoder.layer.{start}.crossattention.self.query.weight"
+    fusion_ffn = f"text_encoder.encoder.layer.{total - 1}.output.dense.weight"
+    text_layer = f"text_encoder.encoder.layer.{start - 1}.attention.self.query.weight"
+    # the official rule: the fusion layers inside the text encoder follow text_lr
+    official = groups_by_name(parameter_groups(model, OptimizerConfig(lr=1e-4, vision_lr=2e-5, text_lr=4e-5)))
+    assert fusion_query in official["text"]["param_names"] and "fusion" not in official
+    groups = groups_by_name(parameter_groups(model, OptimizerConfig(lr=1e-4, vision_lr=2e-5, text_lr=4e-5, fusion_lr=3e-4)))
+    assert groups["fusion"]["lr"] == 3e-4 and groups["fusion_no_decay"]["weight_decay"] == 0.0
+    assert {fusion_query, fusion_ffn} <= set(groups["fusion"]["param_names"])
+    assert text_layer in groups["text"]["param_names"]
+    fusion_names = groups["fusion"]["param_names"] + groups["fusion_no_decay"]["param_names"]
+    assert all(int(n.split(".")[3]) >= start for n in fusion_names)
+    assert len(fusion_names) == sum(1 for n, _ in model.named_parameters()
+                                    if n.startswith("text_encoder.encoder.layer.") and int(n.split(".")[3]) >= start)

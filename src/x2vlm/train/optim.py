@@ -5,7 +5,12 @@ Groups (spec §3.4, with the defects of §6.13/14 fixed):
   scales, the temperature, q/v biases) and the tables named in ``NO_DECAY_NAMES`` are not decayed;
 - learning rate: ``vision_lr`` / ``text_lr`` / ``cross_lr`` for the three encoders when given,
   ``lr * lr_mult`` for newly initialised parameters outside them (heads, decoder, frame positions),
-  ``lr`` for everything else.
+  ``lr`` for everything else;
+- ``fusion_lr`` (ours; default: as the official code, the text encoder's rate) for the fusion layers
+  that live inside the text encoder (layers ``fusion_start`` and up). A run that starts the fusion
+  from a text-only BERT has freshly initialised cross-attention there, which a small text rate
+  leaves untrained: with the embedded default's ``text_lr`` 2e-5 the fused CLS attends uniformly
+  over the image after pre-training.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class OptimizerConfig:
     vision_lr: float | None = None
     text_lr: float | None = None
     cross_lr: float | None = None
+    fusion_lr: float | None = None  # fusion layers inside the text encoder (None: text_lr, the official rule)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
 
@@ -42,12 +48,21 @@ class ScheduleConfig:
 def parameter_groups(model: nn.Module, cfg: OptimizerConfig, new_params: Iterable[str] = ()) -> list[dict]:
     """Named, explicit groups; each group dict carries ``name`` for logging."""
     new = set(new_params)
+    fusion_prefixes: tuple[str, ...] = ()
+    if cfg.fusion_lr is not None:
+        text_layers = getattr(model, "num_text_layers", None)
+        if text_layers is None:
+            raise ValueError("optimizer: fusion_lr needs an X2VLM model (fusion layers inside its text encoder)")
+        total = model.text_encoder.num_layers
+        fusion_prefixes = tuple(f"text_encoder.encoder.layer.{i}." for i in range(text_layers, total))
     groups: dict[tuple[str, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = param.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
-        if name.startswith("vision_encoder.") and cfg.vision_lr is not None:
+        if fusion_prefixes and name.startswith(fusion_prefixes):
+            module, lr = "fusion", cfg.fusion_lr
+        elif name.startswith("vision_encoder.") and cfg.vision_lr is not None:
             module, lr = "vision", cfg.vision_lr
         elif name.startswith("text_encoder.") and cfg.text_lr is not None:
             module, lr = "text", cfg.text_lr
