@@ -104,7 +104,9 @@ def test_beam_search_with_beam_equal_to_vocabulary_is_exhaustive(toy, monkeypatc
         ]
         assert len(matches) == 1
         score = matches[0] / ((6 + step) / 6.0) ** length_penalty if length_penalty > 0 else matches[0]
-        assert math.isclose(score, expected_score, abs_tol=1e-5)
+        # fp32 rounding, amplified by the x40 weights: on an Intel Xeon with AMX both the cached beam
+        # score and the uncached one are ~1e-4 from the float64 value (-3.36307 / -3.36317 vs -3.36325)
+        assert math.isclose(score, expected_score, abs_tol=5e-4)
     if min_length >= 1:
         assert all(seq != [SEP] for seq in results)
     if (min_length, length_penalty) == (1, 0.0):  # the search problem is not trivial here
