@@ -254,3 +254,27 @@ def test_absolute_position_embedding_option_saves_loads_and_resizes(tmp_path):
     native = {"vision_encoder.pos_embed": model.vision_encoder.pos_embed.detach().clone()}
     notes = adapt_to_model(native, bigger)
     assert native["vision_encoder.pos_embed"].shape == (1, 37, 64) and any("pos_embed" in n for n in notes)
+
+
+def test_sincos_position_table_initialises_the_small_preset():
+    """``pos_embed_init: sincos`` starts the table as MAE's 2-D sine-cosine positions (column in the
+    first half of the channels, row in the second), CLS slot zero."""
+    from x2vlm.models.beit import sincos_position_table
+
+    table = sincos_position_table(4, 16)
+    assert table.shape == (16, 16)
+    patch = 1 * 4 + 2  # row 1, column 2
+    freqs = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    expected = torch.cat([torch.sin(2 * freqs), torch.cos(2 * freqs), torch.sin(1 * freqs), torch.cos(1 * freqs)]).float()
+    torch.testing.assert_close(table[patch], expected)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_table(4, 18)
+
+    assert preset("x2vlm-small").vision.pos_embed_init == "sincos"
+    assert preset("x2vlm-tiny").vision.pos_embed_init == "trunc_normal"
+    model = X2VLM(preset("x2vlm-tiny", vision={"abs_pos_embed": True, "pos_embed_init": "sincos"}))
+    pos = model.vision_encoder.pos_embed.detach()[0]
+    assert pos[0].abs().max() == 0.0
+    torch.testing.assert_close(pos[1:], sincos_position_table(4, 64))
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        X2VLM(preset("x2vlm-tiny", vision={"abs_pos_embed": True, "pos_embed_init": "learned"}))

@@ -29,6 +29,9 @@ TASK_HEADS: dict[str, tuple[str, ...]] = {
 }
 
 
+POS_EMBED_INITS = ("trunc_normal", "sincos")
+
+
 @dataclass
 class VisionConfig:
     """BEiT-2 ViT."""
@@ -45,6 +48,11 @@ class VisionConfig:
     # released X²-VLM models have none (relative position bias only); the small preset uses one,
     # because at a few hundred steps box regression cannot recover positions from the bias alone.
     abs_pos_embed: bool = False
+    # Its initialisation: "trunc_normal" (std 0.02, BEiT's) or "sincos" (a fixed 2-D sine-cosine table,
+    # as in MAE, of unit amplitude; still trained). A from-scratch tower trained on captions keeps
+    # almost no position in its output tokens from a 0.02 table (a linear read-out of a patch's
+    # coordinates fails), so box regression has nothing to read; "sincos" starts it with position.
+    pos_embed_init: str = "trunc_normal"
 
 
 @dataclass
@@ -132,6 +140,10 @@ class X2VLMConfig:
         t = self.text
         if t.hidden_size % t.num_heads:
             raise ValueError(f"config field 'text.hidden_size': {t.hidden_size} not divisible by num_heads {t.num_heads}")
+        if self.vision.pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f"config field 'vision.pos_embed_init': {self.vision.pos_embed_init!r} is not one of {POS_EMBED_INITS}")
+        if self.vision.pos_embed_init == "sincos" and self.vision.width % 4:
+            raise ValueError(f"config field 'vision.width': {self.vision.width} must be a multiple of 4 for a sincos position table")
         if self.vision.width % self.vision.num_heads:
             raise ValueError(f"config field 'vision.width': {self.vision.width} not divisible by num_heads {self.vision.num_heads}")
         if not 0 <= t.fusion_start <= t.num_layers:
@@ -275,7 +287,7 @@ def _presets() -> dict[str, X2VLMConfig]:
         "x2vlm-small": _preset(
             "x2vlm-small",
             image_res=96,
-            vision=VisionConfig(width=384, depth=6, num_heads=6, drop_path_rate=0.0, abs_pos_embed=True),  # short runs: no stochastic depth
+            vision=VisionConfig(width=384, depth=6, num_heads=6, drop_path_rate=0.0, abs_pos_embed=True, pos_embed_init="sincos"),  # short runs: no stochastic depth
             text=TextConfig(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=9, fusion_start=6),
             embed_dim=128,
             frame_len=4,

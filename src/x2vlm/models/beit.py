@@ -89,6 +89,22 @@ def resize_relative_position_bias_table(table: torch.Tensor, dst_grid: int, num_
     return torch.cat([body, extra.to(body)], dim=0)
 
 
+def sincos_position_table(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) 2-D sine-cosine positions, row-major like the patches: the first half of the
+    channels encodes the column, the second half the row, each as sin/cos at ``width // 4``
+    frequencies from 1 down to 1/10000 (MAE's table)."""
+    if width % 4:
+        raise ValueError(f"a sincos position table needs a width divisible by 4, got {width}")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
 def resize_abs_pos_embed(pos_embed: torch.Tensor, dst_grid: int) -> torch.Tensor:
     """Bicubic resize of a ``(1, 1 + g*g, D)`` absolute position embedding to ``dst_grid``; CLS kept."""
     src_grid = math.isqrt(pos_embed.shape[1] - 1)
@@ -198,7 +214,12 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            if self.cfg.pos_embed_init == "sincos":
+                with torch.no_grad():
+                    self.pos_embed[0, 1:] = sincos_position_table(self.grid, self.cfg.width)
+                    self.pos_embed[0, 0] = 0.0
+            else:
+                nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer, block in enumerate(self.blocks, start=1):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
