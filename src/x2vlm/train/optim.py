@@ -9,8 +9,7 @@ Groups (spec §3.4, with the defects of §6.13/14 fixed):
 - ``fusion_lr`` (ours; default: as the official code, the text encoder's rate) for the fusion layers
   that live inside the text encoder (layers ``fusion_start`` and up). A run that starts the fusion
   from a text-only BERT has freshly initialised cross-attention there, which a small text rate
-  leaves untrained: with the embedded default's ``text_lr`` 2e-5 the fused CLS attends uniformly
-  over the image after pre-training.
+  barely trains (the embedded default keeps the official rule all the same: see its configs).
 """
 
 from __future__ import annotations
