@@ -69,3 +69,6 @@ def test_fusion_layers_take_their_own_rate_when_asked():
     assert all(int(n.split(".")[3]) >= start for n in fusion_names)
     assert len(fusion_names) == sum(1 for n, _ in model.named_parameters()
                                     if n.startswith("text_encoder.encoder.layer.") and int(n.split(".")[3]) >= start)
+    cross = X2VLM(preset("x2vlm-tiny", text={"num_layers": 4, "fusion_start": 4}, cross_num_layers=2))
+    with pytest.raises(ValueError, match="cross_lr"):
+        parameter_groups(cross, OptimizerConfig(fusion_lr=3e-4))

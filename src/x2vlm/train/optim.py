@@ -52,6 +52,9 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig, new_params: Iterabl
         text_layers = getattr(model, "num_text_layers", None)
         if text_layers is None:
             raise ValueError("optimizer: fusion_lr needs an X2VLM model (fusion layers inside its text encoder)")
+        if getattr(model, "cross_encoder", None) is not None:
+            raise ValueError("optimizer: fusion_lr is for fusion layers inside the text encoder; this model's fusion "
+                             "layers are a separate cross encoder, whose rate is cross_lr")
         total = model.text_encoder.num_layers
         fusion_prefixes = tuple(f"text_encoder.encoder.layer.{i}." for i in range(text_layers, total))
     groups: dict[tuple[str, bool], dict] = {}
