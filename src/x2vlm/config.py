@@ -48,7 +48,7 @@ class VisionConfig:
     # released X²-VLM models have none (relative position bias only); the small preset uses one,
     # because at a few hundred steps box regression cannot recover positions from the bias alone.
     abs_pos_embed: bool = False
-    # Its initialisation: "trunc_normal" (std 0.02, BEiT's) or "sincos" (a fixed 2-D sine-cosine table,
+    # Its initialisation: "trunc_normal" (std 0.02, BEiT's) or "sincos" (a 2-D sine-cosine table,
     # as in MAE, of unit amplitude; still trained). A from-scratch tower trained on captions keeps
     # almost no position in its output tokens from a 0.02 table (a linear read-out of a patch's
     # coordinates fails), so box regression has nothing to read; "sincos" starts it with position.
