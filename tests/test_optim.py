@@ -72,3 +72,23 @@ def test_fusion_layers_take_their_own_rate_when_asked():
     cross = X2VLM(preset("x2vlm-tiny", text={"num_layers": 4, "fusion_start": 4}, cross_num_layers=2))
     with pytest.raises(ValueError, match="cross_lr"):
         parameter_groups(cross, OptimizerConfig(fusion_lr=3e-4))
+
+
+def test_cross_attention_takes_its_own_rate_when_asked():
+    model = X2VLM(preset("x2vlm-tiny"))
+    start = model.num_text_layers
+    cross_names = [n for n, _ in model.named_parameters() if ".crossattention." in n]
+    assert cross_names and all(int(n.split(".")[3]) >= start for n in cross_names)
+    fusion_ffn = f"text_encoder.encoder.layer.{start}.output.dense.weight"
+    groups = groups_by_name(parameter_groups(model, OptimizerConfig(lr=1e-4, text_lr=4e-5, cross_attention_lr=1e-3)))
+    assert groups["cross_attention"]["lr"] == 1e-3 and groups["cross_attention_no_decay"]["weight_decay"] == 0.0
+    assert sorted(groups["cross_attention"]["param_names"] + groups["cross_attention_no_decay"]["param_names"]) == sorted(cross_names)
+    assert fusion_ffn in groups["text"]["param_names"]  # the rest of the fusion layer keeps the text rate
+    # it takes precedence over fusion_lr, which then covers the fusion layers' other weights
+    both = groups_by_name(parameter_groups(model, OptimizerConfig(text_lr=4e-5, fusion_lr=3e-4, cross_attention_lr=1e-3)))
+    assert fusion_ffn in both["fusion"]["param_names"]
+    assert not set(cross_names) & set(both["fusion"]["param_names"] + both["fusion_no_decay"]["param_names"])
+    # a separate cross encoder's cross-attention follows the same rule
+    separate = X2VLM(preset("x2vlm-tiny", text={"num_layers": 4, "fusion_start": 4}, cross_num_layers=2))
+    names = groups_by_name(parameter_groups(separate, OptimizerConfig(text_lr=4e-5, cross_attention_lr=1e-3)))["cross_attention"]["param_names"]
+    assert names and all(n.startswith("cross_encoder.") for n in names)

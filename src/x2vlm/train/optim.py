@@ -10,6 +10,11 @@ Groups (spec §3.4, with the defects of §6.13/14 fixed):
   that live inside the text encoder (layers ``fusion_start`` and up). A run that starts the fusion
   from a text-only BERT has freshly initialised cross-attention there, which a small text rate
   barely trains (the embedded default keeps the official rule all the same: see its configs).
+- ``cross_attention_lr`` (ours; default: the rule above) for the cross-attention sub-blocks alone
+  (``*.crossattention.*``: query, key, value, output projection and its LayerNorm), wherever they
+  are. Started from a text-only BERT, these are the only freshly initialised weights of the fusion;
+  this rate trains them without moving the pre-trained self-attention and feed-forward weights
+  around them (which ``fusion_lr`` does).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class OptimizerConfig:
     text_lr: float | None = None
     cross_lr: float | None = None
     fusion_lr: float | None = None  # fusion layers inside the text encoder (None: text_lr, the official rule)
+    cross_attention_lr: float | None = None  # cross-attention sub-blocks only (None: their module's rate)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
 
@@ -62,7 +68,9 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig, new_params: Iterabl
         if not param.requires_grad:
             continue
         decay = param.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
-        if fusion_prefixes and name.startswith(fusion_prefixes):
+        if cfg.cross_attention_lr is not None and ".crossattention." in name:
+            module, lr = "cross_attention", cfg.cross_attention_lr
+        elif fusion_prefixes and name.startswith(fusion_prefixes):
             module, lr = "fusion", cfg.fusion_lr
         elif name.startswith("vision_encoder.") and cfg.vision_lr is not None:
             module, lr = "vision", cfg.vision_lr
