@@ -2,12 +2,15 @@
 
     python bench/bench_gallery.py [--presets x2vlm-small[,x2vlm-base]] [--items 100000] [--real 256]
                                   [--images DIR] [--k-tests 0,16,128] [--queries 5] [--precisions fp32,bf16]
+                                  [--keep-embeddings no|fp32|bf16]
 
 What one query costs, as ``Model.retrieve(text, GalleryIndex.load(dir), k=10, k_test=K)`` runs it: the
 query text is cleaned, tokenised and encoded, its ITC feature is compared with every item of the
 index and the ``K`` most similar items are re-scored by the ITM head (``K`` 0: ITC only); an index
 built from image files keeps their paths, not their embeddings, so the ``K`` candidates' image files
-are read, transformed and encoded again for every query.
+are read, transformed and encoded again for every query, unless ``--keep-embeddings fp32|bf16``
+stores the embeddings in the index: then each query reads its candidates' rows from the index file
+(``GalleryIndex.load`` leaves them there; column "vis enc").
 
 For each preset: a random-weight retrieval model (``X2VLM(preset(name, task="retrieval"))``, seed 0;
 the time does not depend on the weights) is written with ``save_pretrained`` to a temporary directory
@@ -141,15 +144,18 @@ def real_image_paths(images_dir: str | None, count: int, workdir: Path) -> tuple
 
 
 def fill_index(real: GalleryIndex, items: int, noise: float, seed: int) -> GalleryIndex:
-    """``items`` entries cycling over the real ones: their sources, their features plus noise (renormalised)."""
+    """``items`` entries cycling over the real ones: their sources (and stored embeddings, if any),
+    their features plus noise (renormalised)."""
     n_real = len(real)
     which = torch.arange(items) % n_real
     g = torch.Generator().manual_seed(seed)
     features = real.features[which] + noise * torch.randn(items, real.features.shape[1], generator=g)
     features[:n_real] = real.features[: min(n_real, items)]
     features = torch.nn.functional.normalize(features, dim=-1).contiguous()
+    stored = real.vision_embeds is not None
     index = GalleryIndex(real.kind, list(range(items)), features, [real.sources[i] for i in which.tolist()],
-                         real.fingerprint, real.max_tokens, real.frame_len)
+                         real.fingerprint, real.max_tokens, real.frame_len,
+                         real.vision_embeds[which] if stored else None, real.vision_mask[which] if stored else None)
     index.check("synthetic gallery index")
     return index
 
@@ -167,7 +173,8 @@ def bench_preset(name: str, args, paths: list[str], what: str, precisions: list[
           f"random weights (seed 0), saved + x2vlm.load'ed from {model_dir}", flush=True)
 
     start = time.perf_counter()
-    real = fp32.index(paths, kind="images")  # fp32, sources = paths, no stored embeddings
+    keep = {"keep_embeddings": True, "embeddings_dtype": args.keep_embeddings} if args.keep_embeddings != "no" else {}
+    real = fp32.index(paths, kind="images", **keep)  # fp32 encoding, sources = paths
     encode_s = time.perf_counter() - start
     print(f"real images encoded (Model.index, fp32): {len(real)} in {encode_s:.1f} s = {len(real) / encode_s:.1f} images/s "
           f"(a real {args.items:,}-image index would take ~{args.items * encode_s / len(real) / 60:.0f} min at this rate)")
@@ -186,7 +193,7 @@ def bench_preset(name: str, args, paths: list[str], what: str, precisions: list[
     files = {p.name: p.stat().st_size for p in sorted(index_dir.iterdir())}
     print(f"gallery index: {len(index):,} items ({len(real)} real, the rest noisy copies, noise {args.noise}), "
           f"feature dim {index.features.shape[1]}, kind {index.kind}, stored embeddings: "
-          f"{'yes' if index.vision_embeds is not None else 'no (re-ranking re-encodes the candidate files)'}")
+          f"{'yes, ' + str(index.vision_embeds.dtype).replace('torch.', '') + ', read row by row from the file (column vis enc)' if index.vision_embeds is not None else 'no (re-ranking re-encodes the candidate files)'}")
     print(f"index size: {directory_bytes(index_dir) / 1e6:.1f} MB (" +
           ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in files.items()) + f"); save {save_s:.2f} s; "
           f"load (GalleryIndex.load) median {statistics.median(load_times):.2f} s, min {min(load_times):.2f}, max {max(load_times):.2f} (3 loads)")
@@ -221,6 +228,10 @@ def main() -> None:
     parser.add_argument("--k-tests", default="0,16,128", help="ITM re-ranked candidates (0: ITC only)")
     parser.add_argument("--queries", type=int, default=5, help=f"timed queries after the warm-up (5..{len(QUERIES) - 1})")
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--keep-embeddings", default="no", choices=("no", "fp32", "bf16"),
+                        help="store the vision embeddings in the index (Model.index(keep_embeddings=True, embeddings_dtype=...)): "
+                             "queries read their candidates' rows instead of encoding the files; the index then holds "
+                             "(1 + grid^2) x width values per item (x2vlm-base in bf16: 0.3 MB, so mind --items)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", help="keep the world, models and indexes here (default: a temporary directory)")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform
 from x2vlm.data.video import load_image, read_video_frames
 from x2vlm.generation import CaptionSettings
-from x2vlm.inference import GalleryIndex, Model, TaskMismatchError, load
+from x2vlm.inference import GalleryIndex, Model, StoredRows, TaskMismatchError, load
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tasks import captioning as C
 from x2vlm.tasks import grounding as G
@@ -378,7 +378,23 @@ def test_retrieve_equals_the_two_stage_evaluation(models, images, retrieval_eval
     kept = model.index([Image.open(p) for p in paths], kind="images")
     assert kept.vision_embeds is not None and kept.sources == [None] * 6
     kept_loaded = GalleryIndex.load(kept.save(tmp_path / "kept"))
-    assert [hits(r) for r in model.retrieve(texts, kept_loaded, k=3)] == [hits(r) for r in text_to_image]
+    assert isinstance(kept_loaded.vision_embeds, StoredRows)  # read row by row by each query
+    kept_results = model.retrieve(texts, kept_loaded, k=3)
+    assert [hits(r) for r in kept_results] == [hits(r) for r in text_to_image]
+    rows = torch.tensor([4, 0, 1, 5, 1])  # unsorted, a repeat, two runs of consecutive rows
+    assert torch.equal(kept_loaded.vision_embeds[rows], kept.vision_embeds[rows])
+    with pytest.raises(IndexError, match="outside the 6 stored vision_embeds"):
+        kept_loaded.vision_embeds[torch.tensor([6])]
+    in_memory = GalleryIndex.load(tmp_path / "kept", lazy=False)
+    assert torch.equal(in_memory.vision_embeds, kept.vision_embeds)
+    assert GalleryIndex.load(kept_loaded.save(tmp_path / "again")).vision_embeds[rows].equal(kept.vision_embeds[rows])
+    # bfloat16 storage: half the bytes, the same ranking here, ITM scores within bf16 rounding
+    half = model.index([Image.open(p) for p in paths], kind="images", embeddings_dtype="bf16")
+    assert half.vision_embeds.dtype == torch.bfloat16
+    half_results = model.retrieve(texts, GalleryIndex.load(half.save(tmp_path / "half")), k=3)
+    assert [hits(r) for r in half_results] == [hits(r) for r in text_to_image]
+    for mine, full in zip(half_results, kept_results):
+        assert [h.itm for h in mine] == pytest.approx([h.itm for h in full], abs=0.05)
     assert model.retrieve(paths, GalleryIndex.load(text_index.save(tmp_path / "texts")), k=3) == image_to_text
     # another model's index is refused
     other = copy.deepcopy(model.model)

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 import test_inference as inference_tests
 from test_inference import image_paths, raw_texts
@@ -97,6 +98,12 @@ def test_retrieve_with_files_texts_and_saved_indexes(dirs, models, images, capsy
     assert out["gallery"] == {"kind": "images", "size": 6, "index": None} and GalleryIndex.load(out["saved_index"]).ids == [str(p) for p in paths]
     again = run(capsys, "retrieve", "--model", retrieval, "--text", texts[3], "--gallery", str(tmp_path / "images"), "--k", "4")
     assert [h["index"] for h in again["hits"]] == [h["index"] for h in out["hits"]] and again["gallery"]["index"] == str(tmp_path / "images")
+    kept = run(capsys, "retrieve", "--model", retrieval, "--text", texts[3], "--gallery", *map(str, paths), "--k", "4",
+               "--keep-embeddings", "bf16", "--save-index", str(tmp_path / "kept"))
+    assert [h["index"] for h in kept["hits"]] == [h["index"] for h in out["hits"]]
+    assert GalleryIndex.load(tmp_path / "kept").vision_embeds.dtype == torch.bfloat16
+    from_kept = run(capsys, "retrieve", "--model", retrieval, "--text", texts[3], "--gallery", str(tmp_path / "kept"), "--k", "4")
+    assert from_kept["hits"] == kept["hits"]
     # an image query over texts: given on the command line, in a file, or as a saved text index
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     expected = [h.index for h in model.retrieve(paths[1], model.index(texts, kind="texts"), k=3)]
@@ -122,6 +129,8 @@ def test_errors_exit_2_with_one_line(dirs, models, images, capsys, caplog, tmp_p
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     assert "corrupt image in file" in fails(capsys, caplog, "ground", "--model", str(dirs["grounding"]),
                                             "--image", str(tmp_path / "broken.png"), "--expression", "a dog")
+    assert "--keep-embeddings stores the vision embeddings" in fails(capsys, caplog, "retrieve", "--model", str(dirs["retrieval"]),
+                                                                     "--image", path, "--texts", "a dog", "--keep-embeddings", "fp32")
     assert "unsupported dtype 'fp16'" in fails(capsys, caplog, "caption", "--model", str(dirs["captioning"]), "--image", path,
                                                "--dtype", "fp16")
     assert "unsupported device 'quantum'" in fails(capsys, caplog, "caption", "--model", str(dirs["captioning"]),

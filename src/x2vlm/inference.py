@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from x2vlm.checkpoint import _atomic_write, from_pretrained, infer_config, load_official, read_state_dict, resolve_trained_model_dir
@@ -297,6 +298,46 @@ class Hit:
 
 
 # -- gallery index --------------------------------------------------------------------------------------
+class StoredRows:
+    """A tensor of a safetensors file read row by row when indexed (``rows[used]``), never whole: the
+    vision embeddings of a loaded gallery index, which for a large gallery exceed the memory (100,000
+    x-base images: 197 x 768 values each, 30 GB in bfloat16). Indexing with a 1-D tensor or list of
+    row numbers reads those rows (each run of consecutive rows in one read); ``load()`` reads all."""
+
+    def __init__(self, path: str | Path, name: str):
+        self.path, self.name = str(path), name
+        with safe_open(self.path, framework="pt") as f:
+            view = f.get_slice(name)
+            self.shape = torch.Size(view.get_shape())
+            self.dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(view.get_dtype(), "float32"))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.shape[0]):
+            raise IndexError(f"{self.path}: rows {rows.tolist()} outside the {self.shape[0]} stored {self.name}")
+        order = torch.argsort(rows)
+        wanted = rows[order].tolist()
+        out = torch.empty((len(rows),) + tuple(self.shape[1:]), dtype=self.dtype)
+        with safe_open(self.path, framework="pt") as f:
+            view = f.get_slice(self.name)
+            start = 0
+            while start < len(wanted):
+                end = start + 1
+                while end < len(wanted) and wanted[end] <= wanted[end - 1] + 1:
+                    end += 1
+                block = view[wanted[start] : wanted[end - 1] + 1]  # one read for a run of rows
+                out[order[start:end]] = block[torch.tensor(wanted[start:end]) - wanted[start]]
+                start = end
+        return out
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self.name)
+
+
 @dataclass
 class GalleryIndex:
     """Embedded gallery items for ``Model.retrieve``: ITC features and ids, plus what the ITM
@@ -306,7 +347,9 @@ class GalleryIndex:
 
     ``save(dir)`` writes ``index.json`` (kind, ids, sources, settings) and ``index.safetensors``
     (``features`` and, if kept, ``vision_embeds``/``vision_mask``); ``GalleryIndex.load(dir)`` reads
-    them back."""
+    them back, the vision embeddings as ``StoredRows``: each query reads its candidates' rows from
+    the file, so a gallery's embeddings need not fit in memory (``load(dir, lazy=False)`` reads them
+    all). Saving an index loaded that way reads its embeddings into memory."""
 
     kind: str  # images | videos | texts
     ids: list
@@ -315,7 +358,7 @@ class GalleryIndex:
     fingerprint: str
     max_tokens: int
     frame_len: int = 0
-    vision_embeds: torch.Tensor | None = None  # (N, 1+P, D) float32
+    vision_embeds: torch.Tensor | StoredRows | None = None  # (N, 1+P, D) float32 or bfloat16
     vision_mask: torch.Tensor | None = None  # (N, 1+P)
 
     def __len__(self) -> int:
@@ -326,7 +369,8 @@ class GalleryIndex:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"features": self.features.contiguous().cpu()}
         if self.vision_embeds is not None:
-            tensors["vision_embeds"] = self.vision_embeds.contiguous().cpu()
+            embeds = self.vision_embeds.load() if isinstance(self.vision_embeds, StoredRows) else self.vision_embeds
+            tensors["vision_embeds"] = embeds.contiguous().cpu()
             tensors["vision_mask"] = self.vision_mask.contiguous().cpu()
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": self.kind, "fingerprint": self.fingerprint,
                 "max_tokens": self.max_tokens, "frame_len": self.frame_len, "ids": self.ids, "sources": self.sources}
@@ -335,7 +379,9 @@ class GalleryIndex:
         return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> GalleryIndex:
+    def load(cls, path: str | Path, lazy: bool = True) -> GalleryIndex:
+        """``lazy``: stored vision embeddings stay in the file (``StoredRows``) until a query reads its
+        candidates' rows."""
         directory = Path(path)
         if not (directory / INDEX_JSON).is_file() or not (directory / INDEX_TENSORS).is_file():
             raise FileNotFoundError(f"{directory}: not a gallery index (needs {INDEX_JSON} and {INDEX_TENSORS})")
@@ -345,7 +391,12 @@ class GalleryIndex:
             raise ValueError(f"{directory / INDEX_JSON}: not valid JSON ({err})") from None
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError(f"{directory / INDEX_JSON}: not a version-{INDEX_VERSION} {INDEX_FORMAT} file")
-        tensors = load_file(str(directory / INDEX_TENSORS))
+        tensor_file = str(directory / INDEX_TENSORS)
+        with safe_open(tensor_file, framework="pt") as f:
+            names = set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names if name != "vision_embeds" or not lazy}
+        if lazy and "vision_embeds" in names:
+            tensors["vision_embeds"] = StoredRows(tensor_file, "vision_embeds")
         index = cls(meta["kind"], meta["ids"], tensors["features"], meta["sources"], meta["fingerprint"], meta["max_tokens"],
                     meta["frame_len"], tensors.get("vision_embeds"), tensors.get("vision_mask"))
         index.check(str(directory))
@@ -755,12 +806,15 @@ class Model:
             itm, itc = itm[0], itc[0]
         return {"itm": _scalar_or_numpy(itm), "itc": _scalar_or_numpy(itc)}
 
-    def index(self, items, kind: str, ids: Sequence | None = None, keep_embeddings: bool | None = None) -> GalleryIndex:
+    def index(self, items, kind: str, ids: Sequence | None = None, keep_embeddings: bool | None = None,
+              embeddings_dtype: str | torch.dtype = "fp32") -> GalleryIndex:
         """Embed a gallery once: ``kind`` 'images', 'videos' or 'texts'; ``ids`` (JSON strings or
         integers, unique; default 0..N-1). For images and videos the ITM re-ranking needs their
-        embeddings: kept in the index with ``keep_embeddings=True`` (fast queries, about
-        ``(1 + grid^2) x width x 4`` bytes per item), else encoded again for the candidates of each
-        query from the stored paths (the default when every item is a file path)."""
+        embeddings: kept in the index with ``keep_embeddings=True`` (fast queries: no candidate is
+        encoded again; ``(1 + grid^2) x width`` values per item, 4 bytes each, or 2 with
+        ``embeddings_dtype='bf16'``, whose ITM scores then differ from fp32 by bfloat16 rounding),
+        else encoded again for the candidates of each query from the stored paths (the default when
+        every item is a file path)."""
         self._require_heads("index()", ("itc", "itm"), "a model with ITC and ITM heads (task 'retrieval' or 'pretrain')")
         if kind not in INDEX_KINDS:
             raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
@@ -783,10 +837,11 @@ class Model:
         elif not keep_embeddings and any(s is None for s in sources):
             raise ValueError("keep_embeddings=False needs every item to be a file path: in-memory images and frame "
                              "lists cannot be read again for re-ranking")
+        stored_dtype = torch.float32 if resolve_dtype(embeddings_dtype, torch.device("cpu")) == "fp32" else torch.bfloat16
         gallery_ids = _gallery_ids(ids, len(gallery))
         features, embeds, masks = self._encode_vision(gallery, frame_len, keep_embeds=keep_embeddings)
         return GalleryIndex(kind, gallery_ids, features.float().cpu(), sources, self.fingerprint, max_tokens, frame_len,
-                            embeds.float().cpu() if keep_embeddings else None, masks.cpu() if keep_embeddings else None)
+                            embeds.to(stored_dtype).cpu() if keep_embeddings else None, masks.cpu() if keep_embeddings else None)
 
     def retrieve(self, query, gallery, k: int = 10, k_test: int | None = None, kind: str | None = None
                  ) -> list[Hit] | list[list[Hit]]:
@@ -837,8 +892,8 @@ class Model:
         return hits[0] if single else hits
 
     def _candidate_embeds(self, index: GalleryIndex, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if index.vision_embeds is not None:
-            return index.vision_embeds[used].to(self.device), index.vision_mask[used].to(self.device)
+        if index.vision_embeds is not None:  # stored (bf16 ones are computed with at the model's precision)
+            return index.vision_embeds[used].to(self.device, self._param_dtype), index.vision_mask[used].to(self.device)
         _, embeds, masks = self._encode_vision([index.sources[i] for i in used.tolist()], index.frame_len)
         return embeds, masks
 

@@ -102,6 +102,9 @@ def add_predict_command(sub) -> None:
     p.add_argument("--k-test", type=int, metavar="N",
                    help="ITC candidates re-ranked by ITM (default: the fine-tuning's; 0: ITC only)")
     p.add_argument("--save-index", metavar="DIR", help="save the gallery embedded from files or texts as an index here")
+    p.add_argument("--keep-embeddings", choices=("fp32", "bf16"),
+                   help="store the gallery images' vision embeddings in the index (fp32, or bf16 at half the size), so "
+                        "that queries re-rank without encoding the candidate files again")
     p.set_defaults(func=cmd_retrieve)
 
 
@@ -187,6 +190,8 @@ def _gallery(model, args: argparse.Namespace):
     texts = list(args.texts or []) + (_read_texts(args.texts_file) if args.texts_file else [])
     given = args.gallery or []
     if len(given) == 1 and Path(given[0]).is_dir():
+        if args.keep_embeddings:
+            raise ValueError("--keep-embeddings applies when a gallery is embedded from files, not to a saved index")
         if texts:
             raise ValueError("give the gallery either as a saved index (--gallery DIR) or as texts, not both")
         if not (Path(given[0]) / INDEX_JSON).is_file():
@@ -202,7 +207,10 @@ def _gallery(model, args: argparse.Namespace):
                              "--gallery image (or video) files or a saved index")
         if not given:
             raise ValueError("a text query needs --gallery: image files (video files with --videos) or a saved index directory")
-        return model.index(given, kind="videos" if args.videos else "images", ids=given), None
+        keep = {"keep_embeddings": True, "embeddings_dtype": args.keep_embeddings} if args.keep_embeddings else {}
+        return model.index(given, kind="videos" if args.videos else "images", ids=given, **keep), None
+    if args.keep_embeddings:
+        raise ValueError("--keep-embeddings stores the vision embeddings of an image (or video) gallery embedded from files")
     if given:
         raise ValueError("an image query ranks texts: give them with --texts/--texts-file, or --gallery a saved text index")
     if not texts:

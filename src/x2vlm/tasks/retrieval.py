@@ -472,8 +472,11 @@ def cached_itm_scores(model: X2VLM, vision_embeds: torch.Tensor, vision_mask: to
     * the first fusion layer's self-attention, which does not look at the image, once per text;
     * the last fusion layer only at the CLS position (the one the ITM head reads).
 
-    Within an image, pairs are batched by text length and each batch runs at the width of its
-    longest text (padding changes no output), so short captions do not pay for the longest one."""
+    An image's pairs fill whole batches that share its keys/values (one long query); what is left
+    of each image (all of them when every image has few pairs, as for one query against a gallery)
+    is pooled into batches whose rows gather their own image's keys/values. Within an image, pairs
+    are ordered by text length and each batch runs at the width of its longest text (padding
+    changes no output), so short captions do not pay for the longest one."""
     device = vision_embeds.device
     if len(image_idx) == 0:
         return torch.empty(0, device=device)
@@ -486,18 +489,25 @@ def cached_itm_scores(model: X2VLM, vision_embeds: torch.Tensor, vision_mask: to
     lengths = attended_mask.sum(dim=1)[text_rows]
     order = torch.argsort(rows * (attended_mask.shape[1] + 1) + lengths, stable=True)  # by image, then text length
     image_ends = torch.cumsum(torch.bincount(rows, minlength=len(used)), 0).tolist()
-    scores = torch.empty(len(order), device=device)
+    batches, leftovers = [], []  # (positions in order, the image they share or None)
     image_start = 0
     for image, image_end in enumerate(image_ends):
-        for start in range(image_start, image_end, batch_size):
-            batch = order[start : min(start + batch_size, image_end)]
-            u = text_rows[batch]
-            width = _used_width(attended_mask[u])
-            one = torch.tensor([image], device=device)
-            fused = model.fuse(attended[u, :width], attended_mask[u, :width], None, used_mask[one], cross_kv=cache.select(one),
-                               cls_only=True, self_attended=True)
-            scores[batch] = model.itm_logits(fused)[:, 1].float()
+        full_end = image_start + (image_end - image_start) // batch_size * batch_size
+        batches += [(order[start : start + batch_size], image) for start in range(image_start, full_end, batch_size)]
+        leftovers.append(order[full_end:image_end])
         image_start = image_end
+    pooled = torch.cat(leftovers) if leftovers else order[:0]
+    batches += [(pooled[start : start + batch_size], None) for start in range(0, len(pooled), batch_size)]
+    scores = torch.empty(len(order), device=device)
+    for batch, image in batches:
+        u = text_rows[batch]
+        width = _used_width(attended_mask[u])
+        if image is None and bool((rows[batch] == rows[batch[0]]).all()):
+            image = int(rows[batch[0]])
+        vision = torch.tensor([image], device=device) if image is not None else rows[batch]
+        fused = model.fuse(attended[u, :width], attended_mask[u, :width], None, used_mask[vision], cross_kv=cache.select(vision),
+                           cls_only=True, self_attended=True)
+        scores[batch] = model.itm_logits(fused)[:, 1].float()
     return scores
 
 
