@@ -230,3 +230,44 @@ def test_spread_and_source_commit(tmp_path):
     (git / "refs" / "heads" / "main").unlink()
     (git / "packed-refs").write_text("# pack-refs\nfedcba9876543210fedcba9876543210fedcba98 refs/heads/main\n")
     assert source_commit(tmp_path / "repo") == "fedcba9"
+
+
+def test_grad_checkpointing_recomputes_and_gives_the_same_gradients(tiny_state):
+    model = build_tiny("pretrain", tiny_state).train()  # dropout on: the recomputation must replay its masks
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, model.cfg.image_res, model.cfg.image_res, generator=g)
+    ids = torch.randint(5, model.cfg.text.vocab_size, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    calls = {"vision": 0, "fusion": 0}
+
+    def counted(name: str, module: torch.nn.Module) -> None:  # (forward hooks do not see the recomputation)
+        forward = module.forward
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return forward(*args, **kwargs)
+        module.forward = wrapper
+
+    counted("vision", model.vision_encoder.blocks[0])
+    counted("fusion", model.text_encoder.encoder.layer[-1])
+
+    def step(enable: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(0)
+        vision, vision_mask = model.encode_images(images)
+        text = model.encode_text(ids, mask)
+        fused = model.fuse(text, mask, vision, vision_mask)
+        loss = model.itm_logits(fused).logsumexp(-1).sum() + model.vision_features(vision).sum() + fused.square().mean()
+        loss.backward()
+        return grads(model)
+
+    plain = step(False)
+    assert calls == {"vision": 1, "fusion": 1}
+    recomputed = step(True)
+    assert calls == {"vision": 3, "fusion": 3}  # forward + the recomputation in backward
+    assert_same_grads(recomputed, plain)
+    with torch.no_grad():  # nothing to recompute without gradients
+        model.encode_images(images)
+    assert calls["vision"] == 4

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from x2vlm.checkpoint import _atomic_write, from_pretrained, infer_config, load_official, read_state_dict, resolve_trained_model_dir
 from x2vlm.config import preset

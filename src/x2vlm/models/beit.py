@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from x2vlm.config import VisionConfig
 from x2vlm.models.layers import DropPath, attention, linspace
@@ -200,6 +201,7 @@ class VisionTransformer(nn.Module):
         rates = linspace(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(Block(cfg, self.grid, rate) for rate in rates)
         self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.grad_checkpointing = False  # X2VLM.set_grad_checkpointing
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -231,9 +233,13 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
         hidden_states, attentions = [], []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and not output_attentions
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(x)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x, probs = checkpoint(block, x, use_reentrant=False)
+                continue
             x, probs = block(x, return_probs=output_attentions)
             if output_attentions:
                 attentions.append(probs)

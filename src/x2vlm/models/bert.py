@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from x2vlm.config import TextConfig
 from x2vlm.models.layers import (
@@ -281,6 +282,7 @@ class TextTransformer(nn.Module):
             rate = cross_rates[i - cross_start] if has_cross else text_rates[i]
             layers.append(TextLayer(cfg, cross_width if has_cross else None, rate))
         self.encoder = LayerStack(layers)
+        self.grad_checkpointing = False  # X2VLM.set_grad_checkpointing
 
     @property
     def num_layers(self) -> int:
@@ -335,14 +337,18 @@ class TextTransformer(nn.Module):
             raise ValueError("run_layers: first_only / self_attended give no per-layer states")
         states = [hidden] if keep else []
         cross_index = 0
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and history is None
         for offset, layer in enumerate(self.encoder.layer[start:end]):
             past = history[offset] if history is not None else None
             layer_kv = None
             if cross_kv is not None and layer.crossattention is not None:
                 layer_kv = cross_kv.layer(cross_index)
                 cross_index += 1
-            hidden = layer(hidden, self_bias, vision_states, cross_bias, past, layer_kv,
-                           first_only=first_only and start + offset == end - 1, self_attended=self_attended and offset == 0)
+            flags = dict(first_only=first_only and start + offset == end - 1, self_attended=self_attended and offset == 0)
+            if recompute:  # keep only the layer's inputs; its activations are recomputed in backward
+                hidden = checkpoint(layer, hidden, self_bias, vision_states, cross_bias, past, layer_kv, use_reentrant=False, **flags)
+            else:
+                hidden = layer(hidden, self_bias, vision_states, cross_bias, past, layer_kv, **flags)
             if keep:
                 states.append(hidden)
         return hidden, states
