@@ -309,7 +309,11 @@ class StoredRows:
         with safe_open(self.path, framework="pt") as f:
             view = f.get_slice(name)
             self.shape = torch.Size(view.get_shape())
-            self.dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(view.get_dtype(), "float32"))
+            stored = view.get_dtype()
+        dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        if stored not in dtypes:
+            raise ValueError(f"{self.path}: {name} stored as {stored}, not one of {sorted(dtypes)}")
+        self.dtype = dtypes[stored]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -892,7 +896,7 @@ class Model:
         return hits[0] if single else hits
 
     def _candidate_embeds(self, index: GalleryIndex, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if index.vision_embeds is not None:  # stored (bf16 ones are computed with at the model's precision)
+        if index.vision_embeds is not None:  # stored ones, cast to the model's parameter dtype
             return index.vision_embeds[used].to(self.device, self._param_dtype), index.vision_mask[used].to(self.device)
         _, embeds, masks = self._encode_vision([index.sources[i] for i in used.tolist()], index.frame_len)
         return embeds, masks
