@@ -189,9 +189,10 @@ def _gallery(model, args: argparse.Namespace):
     text_query = args.text is not None
     texts = list(args.texts or []) + (_read_texts(args.texts_file) if args.texts_file else [])
     given = args.gallery or []
-    if len(given) == 1 and Path(given[0]).is_dir():
-        if args.keep_embeddings:
-            raise ValueError("--keep-embeddings applies when a gallery is embedded from files, not to a saved index")
+    saved_index = len(given) == 1 and Path(given[0]).is_dir()
+    if args.keep_embeddings and (saved_index or not text_query):
+        raise ValueError("--keep-embeddings stores the vision embeddings of an image (or video) gallery embedded from files")
+    if saved_index:
         if texts:
             raise ValueError("give the gallery either as a saved index (--gallery DIR) or as texts, not both")
         if not (Path(given[0]) / INDEX_JSON).is_file():
@@ -209,8 +210,6 @@ def _gallery(model, args: argparse.Namespace):
             raise ValueError("a text query needs --gallery: image files (video files with --videos) or a saved index directory")
         keep = {"keep_embeddings": True, "embeddings_dtype": args.keep_embeddings} if args.keep_embeddings else {}
         return model.index(given, kind="videos" if args.videos else "images", ids=given, **keep), None
-    if args.keep_embeddings:
-        raise ValueError("--keep-embeddings stores the vision embeddings of an image (or video) gallery embedded from files")
     if given:
         raise ValueError("an image query ranks texts: give them with --texts/--texts-file, or --gallery a saved text index")
     if not texts:

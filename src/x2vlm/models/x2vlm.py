@@ -82,15 +82,15 @@ class X2VLM(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    # -- vision --------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every vision block and text / fusion / cross / decoder layer
         (each keeps only its inputs in the forward pass and recomputes the rest during backward):
         less activation memory for about a third more compute. Same values and gradients."""
         for module in self.modules():
-            if hasattr(module, "grad_checkpointing") and module is not self:
+            if isinstance(module, (VisionTransformer, TextTransformer)):
                 module.grad_checkpointing = enable
 
+    # -- vision --------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> embeddings (B, 1+N, D) and an all-ones mask."""
         embeds = self.vision_encoder(images)
