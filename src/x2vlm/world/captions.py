@@ -98,23 +98,25 @@ def with_prefix(caption: Caption, prefix: str) -> Caption:
 
 
 def image_captions(index: SceneIndex, image_size: int, rng: np.random.Generator) -> list[Caption]:
-    """Five distinct paraphrased captions: lists of objects at different levels of detail, a
-    spatial relation where one is clear, where one object is, and a coarser summary."""
+    """Five distinct paraphrased captions. Three name every object by colour and shape (one with
+    sizes too), in different orders and wordings; one states a spatial relation where one is
+    clear and one says where an object is, each naming objects that are unique in the image.
+    No caption is a bare summary ("two objects"): such a caption fits hundreds of other images,
+    so contrastive and matching negatives drawn for it are mostly true matches."""
     objects = index.objects
     plan: list[Caption] = [
         ListCaption(grouped_phrases(objects, ("color", "shape"), rng), "none"),
         ListCaption(grouped_phrases(objects, ("size", "color", "shape"), rng),
                     pick(rng, ["there_is", "picture_of"])),
+        ListCaption(grouped_phrases(objects, ("color", "shape"), rng),
+                    pick(rng, ["image_with", "picture_of", "there_is"])),
     ]
     relational = relation_caption(index, rng, pick(rng, ["none", "there_is"]))
-    plan.append(relational if relational is not None else
-                ListCaption(grouped_phrases(objects, ("size", "shape"), rng), "image_with"))
+    if relational is not None:
+        plan.append(relational)
     located = located_caption(index, image_size, rng, pick(rng, ["none", "there_is"]))
     if located is not None:
         plan.append(located)
-    last_names = pick(rng, [("shape",), ("color",), ()])
-    plan.append(ListCaption(grouped_phrases(objects, last_names, rng),
-                            pick(rng, ["image_with", "picture_of", "there_is", "none"])))
 
     fallbacks = [ListCaption(grouped_phrases(objects, names, rng), "none")
                  for names in (("size", "color", "shape"), ("color", "shape"), ("size", "shape"),

@@ -25,7 +25,7 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 
 SIZES: tuple[str, ...] = ("small", "large")
 #: Side of an object's (square) box as a fraction of the image side.
-SIZE_FRACTIONS: dict[str, float] = {"small": 0.17, "large": 0.29}
+SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.33}
 #: Video frames are smaller and chroma-subsampled, so their objects are a little larger.
 VIDEO_SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.31}
 
