@@ -222,6 +222,7 @@ class WorldChecker:
 
     def load_scenes(self) -> None:
         sizes = self.world["object_size_px"]
+        grid = self.world.get("grid_px", 1)
         margin = self.world["relation_margin_px"]
         signatures: dict[tuple, str] = {}
         for split in self.splits:
@@ -259,6 +260,8 @@ class WorldChecker:
                         self.report(where, f"object {thing.id} box {thing.box} leaves the image")
                     if w != sizes.get(thing.size) or h != w:
                         self.report(where, f"object {thing.id} box {thing.box} does not fit size {thing.size!r}")
+                    if x % grid or y % grid:
+                        self.report(where, f"object {thing.id} box {thing.box} is off the {grid} px placement grid")
                     if thing.shape not in self.world["shapes"] or thing.color not in self.world["colors"]:
                         self.report(where, f"object {thing.id} has unknown attributes")
                     on_top = [t.box for t in things[index + 1:]]

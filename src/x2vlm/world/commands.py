@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from x2vlm.world.vocabulary import DEFAULT_GRID_PX
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,7 +18,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     manifest = generate(args.out_dir, size=args.size, seed=args.seed, image_size=args.image_size,
-                        video_size=args.video_size)
+                        video_size=args.video_size, grid_px=args.grid_px)
     logger.info("generated %d dataset files in %.1f s; manifest: %s", len(manifest["files"]),
                 time.perf_counter() - started, Path(args.out_dir) / "manifest.json")
     return 0
@@ -67,6 +69,9 @@ def add_world_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
     p.add_argument("--video-size", type=int, default=64, help="video frame side in pixels (default 64)")
+    p.add_argument("--grid-px", type=int, default=DEFAULT_GRID_PX,
+                   help="objects of images are placed on a grid of cells of this many pixels, aligned "
+                        f"with ViT patches of that size (default {DEFAULT_GRID_PX}; 1: free placement)")
     p.set_defaults(func=run_generate)
 
     p = commands.add_parser("show", help="write a PNG of one item with its boxes and text")

@@ -141,7 +141,8 @@ class Manifest:
 # --- scenes -----------------------------------------------------------------------------------
 
 
-def sample_scenes(preset: SizePreset, seed: int, image_size: int) -> dict[str, list[Scene]]:
+def sample_scenes(preset: SizePreset, seed: int, image_size: int,
+                  grid_px: int = 1) -> dict[str, list[Scene]]:
     scenes: dict[str, list[Scene]] = {}
     seen: set[tuple] = set()
     image_id = 1
@@ -151,7 +152,8 @@ def sample_scenes(preset: SizePreset, seed: int, image_size: int) -> dict[str, l
             attempt = 0
             while True:
                 rng = stream_rng(seed, f"scene/{split}", index, attempt)
-                scene = sample_scene(rng, image_id, split, image_file_name(split, image_id), image_size)
+                scene = sample_scene(rng, image_id, split, image_file_name(split, image_id), image_size,
+                                     grid_px)
                 if scene.signature() not in seen:
                     break
                 attempt += 1
@@ -484,16 +486,19 @@ def write_video_datasets(root: Path, manifest: Manifest, clips: dict[str, list[C
 
 
 def generate(out_dir: str | Path, size: str = "small", seed: int = 0, image_size: int = 96,
-             video_size: int = 64) -> dict:
+             video_size: int = 64, grid_px: int = vocab.DEFAULT_GRID_PX) -> dict:
     """Generate the world into ``out_dir`` and return its manifest (also ``manifest.json``).
 
     The same arguments always give byte-identical files. ``size`` is ``tiny`` (tests),
-    ``small`` (default) or ``medium``.
+    ``small`` (default) or ``medium``. Objects of images sit on a grid of ``grid_px`` pixel
+    cells (``vocabulary.DEFAULT_GRID_PX``: aligned with the small preset's 16 px patches; 1: free).
     """
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZE_PRESETS)}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    if grid_px < 1 or image_size % grid_px:
+        raise ValueError(f"image_size {image_size} is not a multiple of grid_px {grid_px}")
     if video_size < 32 or video_size % 2:
         raise ValueError(f"video_size must be an even number of at least 32 pixels, got {video_size}")
     preset = SIZE_PRESETS[size]
@@ -502,8 +507,9 @@ def generate(out_dir: str | Path, size: str = "small", seed: int = 0, image_size
     manifest = Manifest()
 
     logger.info("sampling %d scenes", sum(preset.images.values()))
-    scenes = sample_scenes(preset, seed, image_size)
-    write_json(root / "world/world.json", vocab.world_definition(image_size, video_size), indent=2)
+    scenes = sample_scenes(preset, seed, image_size, grid_px)
+    write_json(root / "world/world.json", vocab.world_definition(image_size, video_size, grid_px),
+               indent=2)
     manifest.add("world_definition", "world/world.json")
     for split in vocab.IMAGE_SPLITS:
         path = f"world/scenes_{split}.json"
@@ -541,7 +547,8 @@ def generate(out_dir: str | Path, size: str = "small", seed: int = 0, image_size
     data = {
         "name": "x2vlm-world",
         "format_version": FORMAT_VERSION,
-        "generator": {"size": size, "seed": seed, "image_size": image_size, "video_size": video_size},
+        "generator": {"size": size, "seed": seed, "image_size": image_size, "video_size": video_size,
+                      "grid_px": grid_px},
         "image_root": IMAGE_ROOT,
         "video_root": VIDEO_ROOT,
         "vqa_image_template": VQA_IMAGE_TEMPLATE,

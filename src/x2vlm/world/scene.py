@@ -272,15 +272,15 @@ def sample_attributes(rng: np.random.Generator, count: int, novel: bool) -> list
             return [triples[i] for i in order]
 
 
-def place_boxes(rng: np.random.Generator, sides: list[int], image_size: int,
+def place_boxes(rng: np.random.Generator, sides: list[int], image_size: int, grid_px: int = 1,
                 tries_per_object: int = 40) -> list[Box]:
-    """Random positions inside the image, keeping ``occlusion_ok``; objects that cannot be
-    placed are dropped (the first always fits)."""
+    """Random positions inside the image on a grid of ``grid_px`` pixel cells, keeping
+    ``occlusion_ok``; objects that cannot be placed are dropped (the first always fits)."""
     boxes: list[Box] = []
     for side in sides:
         for _ in range(tries_per_object):
-            x = int(rng.integers(0, image_size - side + 1))
-            y = int(rng.integers(0, image_size - side + 1))
+            x = grid_px * int(rng.integers(0, (image_size - side) // grid_px + 1))
+            y = grid_px * int(rng.integers(0, (image_size - side) // grid_px + 1))
             candidate = boxes + [(x, y, side, side)]
             if occlusion_ok(candidate):
                 boxes = candidate
@@ -289,19 +289,19 @@ def place_boxes(rng: np.random.Generator, sides: list[int], image_size: int,
 
 
 def sample_scene(rng: np.random.Generator, image_id: int, split: str, file_name: str,
-                 image_size: int) -> Scene:
+                 image_size: int, grid_px: int = 1) -> Scene:
     novel = split == vocab.NOVEL_SPLIT
     count = int(rng.integers(1, 5))
     triples = sample_attributes(rng, count, novel)
-    boxes = place_boxes(rng, [vocab.object_size_px(size, image_size) for _, _, size in triples],
-                        image_size)
+    sides = [vocab.object_size_px(size, image_size, grid_px=grid_px) for _, _, size in triples]
+    boxes = place_boxes(rng, sides, image_size, grid_px)
     if novel and len(boxes) < len(triples):
         # keep the held-out object: it may be the one that was dropped
         held = [i for i, (shape, color, _) in enumerate(triples) if vocab.is_held_out(color, shape)]
         if held and held[0] >= len(boxes):
             triples = [triples[held[0]]] + [t for i, t in enumerate(triples) if i != held[0]]
-            boxes = place_boxes(rng, [vocab.object_size_px(s, image_size) for _, _, s in triples],
-                                image_size)
+            sides = [vocab.object_size_px(s, image_size, grid_px=grid_px) for _, _, s in triples]
+            boxes = place_boxes(rng, sides, image_size, grid_px)
     objects = tuple(
         SceneObject(
             id=index,

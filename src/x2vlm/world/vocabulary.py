@@ -24,7 +24,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 
 SIZES: tuple[str, ...] = ("small", "large")
-#: Side of an object's (square) box as a fraction of the image side.
+#: Objects of an image are placed on a grid of square cells of this many pixels (positions and
+#: sides are whole cells), aligned with the patches of a ViT of this patch size. A vision tower
+#: trained from scratch for minutes learns the shapes of patch-aligned objects and hardly those of
+#: freely placed ones: a supervised shape probe on the small preset's ViT (300 steps, batch 32)
+#: reaches 98 % on objects aligned to its 16 px patches, 63 % on an 8 px grid, 29 % when free.
+#: ``grid_px=1`` places objects freely (a harder world). Video clips are always free.
+DEFAULT_GRID_PX = 16
+#: Side of an object's (square) box as a fraction of the image side (rounded to whole grid cells;
+#: a large object is at least one cell larger than a small one).
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.33}
 #: Video frames are smaller and chroma-subsampled, so their objects are a little larger.
 VIDEO_SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.31}
@@ -243,11 +251,16 @@ def location_of(box: tuple[int, int, int, int], image_size: int) -> str:
     return LOCATIONS[row * 3 + column]
 
 
-def object_size_px(size: str, image_size: int, video: bool = False) -> int:
+def object_size_px(size: str, image_size: int, video: bool = False, grid_px: int = 1) -> int:
     """Side in pixels of an object's box of the given size class in an image (or a video frame)
-    of this side."""
-    fractions = VIDEO_SIZE_FRACTIONS if video else SIZE_FRACTIONS
-    return max(4, round(fractions[size] * image_size))
+    of this side, on a placement grid of ``grid_px`` pixel cells (1: free)."""
+    if video:
+        return max(4, round(VIDEO_SIZE_FRACTIONS[size] * image_size))
+    cells_per_side = image_size / grid_px
+    small = max(1, round(SIZE_FRACTIONS["small"] * cells_per_side), -(-4 // grid_px))
+    if size == "small":
+        return small * grid_px
+    return max(small + 1, round(SIZE_FRACTIONS[size] * cells_per_side)) * grid_px
 
 
 def relation_margin_px(image_size: int) -> int:
@@ -255,7 +268,7 @@ def relation_margin_px(image_size: int) -> int:
     return max(1, round(RELATION_MARGIN_FRACTION * image_size))
 
 
-def world_definition(image_size: int, video_size: int) -> dict:
+def world_definition(image_size: int, video_size: int, grid_px: int = 1) -> dict:
     """The world's parameters as plain data, written to ``world/world.json`` for checkers."""
     return {
         "shapes": list(SHAPES),
@@ -264,7 +277,8 @@ def world_definition(image_size: int, video_size: int) -> dict:
         "relations": list(RELATIONS),
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "image_size": image_size,
-        "object_size_px": {size: object_size_px(size, image_size) for size in SIZES},
+        "grid_px": grid_px,
+        "object_size_px": {size: object_size_px(size, image_size, grid_px=grid_px) for size in SIZES},
         "relation_margin_px": relation_margin_px(image_size),
         "min_visible_fraction": MIN_VISIBLE_FRACTION,
         "video": {
