@@ -179,6 +179,28 @@ def test_videos_are_real_mp4_with_the_listed_frame_count(world, manifest):
 # --- the checker --------------------------------------------------------------------------------
 
 
+def test_objects_sit_on_the_patch_aligned_grid(world, manifest, tmp_path):
+    definition = json.loads((world / "world" / "world.json").read_text())
+    grid = definition["grid_px"]
+    assert grid == vocab.DEFAULT_GRID_PX == 16
+    assert definition["object_size_px"] == {"small": 16, "large": 32}
+    for scenes in scenes_by_split(world, manifest).values():
+        for scene in scenes:
+            for obj in scene["objects"]:
+                x, y, w, h = obj["box"]
+                assert x % grid == 0 and y % grid == 0, obj
+                assert w == h == definition["object_size_px"][obj["size"]]
+    # free placement is still available, and an image side off the grid is refused
+    free = tmp_path / "free"
+    generate(free, size="tiny", seed=SEED, image_size=100, grid_px=1)
+    assert json.loads((free / "world" / "world.json").read_text())["object_size_px"] == {"small": 21, "large": 33}
+    offsets = {obj["box"][0] % 16 for scene in json.loads((free / "world" / "scenes_train.json").read_text())["scenes"]
+               for obj in scene["objects"]}
+    assert len(offsets) > 1
+    with pytest.raises(ValueError, match="not a multiple of grid_px 16"):
+        generate(tmp_path / "odd", size="tiny", seed=SEED, image_size=100)
+
+
 def test_independent_checker_finds_no_problem(world):
     assert check(world) == []
 
@@ -232,6 +254,15 @@ def corrupt_video_answer(root: Path) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+def corrupt_scene_grid(root: Path) -> None:
+    """Shift one object of a scene (and nothing else) off the placement grid."""
+    path = root / "world" / "scenes_test.json"
+    data = json.loads(path.read_text())
+    x, y, w, h = data["scenes"][0]["objects"][0]["box"]
+    data["scenes"][0]["objects"][0]["box"] = [x + 1 if x + w < 96 else x - 1, y, w, h]
+    path.write_text(json.dumps(data))
+
+
 def corrupt_scene_colour(root: Path) -> None:
     """The ground truth says one thing, the pixels another."""
     path = root / "world" / "scenes_val.json"
@@ -249,6 +280,7 @@ def corrupt_scene_colour(root: Path) -> None:
     (corrupt_grounding_box, "refcoco+/instances.json"),
     (corrupt_video_answer, "msrvtt/msrvtt_qa_val.jsonl:1"),
     (corrupt_scene_colour, "looks"),
+    (corrupt_scene_grid, "off the 16 px placement grid"),
 ])
 def test_checker_catches_a_corrupted_item(world, tmp_path, corrupt, expected):
     copy = tmp_path / "world"
