@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--train-expressions", type=int, default=6000)
     parser.add_argument("--val-expressions", type=int, default=1200)
     parser.add_argument("--reinit-fusion", action="store_true")
+    parser.add_argument("--cross-qk-std", type=float, default=None,
+                        help="fusion probes: re-draw the cross-attention query and key weights with this std "
+                             "(BERT's 0.02 gives attention logits of std ~0.15 at width 384: uniform attention)")
     parser.add_argument("--keep-fusion-layers", type=int, default=None,
                         help="fusion probes: run only the first N fusion layers (depth bisection)")
     parser.add_argument("--seed", type=int, default=0)
@@ -213,6 +216,11 @@ def main() -> None:
                 elif isinstance(module, nn.LayerNorm):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
+        if args.cross_qk_std is not None:
+            for layer in layers:
+                for linear in (layer.crossattention.self.query, layer.crossattention.self.key):
+                    nn.init.normal_(linear.weight, std=args.cross_qk_std)
+                    nn.init.zeros_(linear.bias)
         head = fusion_model.bbox_head if probe == "fusion-boxes" else fusion_model.itm_head
         for param in fusion_model.parameters():
             param.requires_grad_(False)
