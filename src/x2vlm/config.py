@@ -288,7 +288,7 @@ def _presets() -> dict[str, X2VLMConfig]:
             "x2vlm-small",
             image_res=96,
             vision=VisionConfig(width=384, depth=6, num_heads=6, drop_path_rate=0.0, abs_pos_embed=True, pos_embed_init="sincos"),  # short runs: no stochastic depth
-            text=TextConfig(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=9, fusion_start=6),
+            text=TextConfig(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=8, fusion_start=6),
             embed_dim=128,
             frame_len=4,
             add_frame_pos=True,
