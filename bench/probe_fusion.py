@@ -24,7 +24,15 @@ table): fusion-itm 48.4 % after 600 steps with all three fusion layers, 64.2 % w
 layers: 57.7 / 63.5 / 57.2 % at 200/400/600 steps; but chance again with the cross-attention alone at
 1e-3 and the rest at 2e-5 (``--cross-lr 1e-3 --lr 2e-5``), with 1e-3 / 3e-4, and with re-initialised
 fusion layers at 3e-4 (stopped at 400 steps); one layer with ``--cross-lr 1e-3 --lr 2e-5``: 56-58 %.
-Minutes per probe on one core.
+Session 7, on the stage-2 model of a demo run at commit 3fe3b95 (patch-aligned world, three fusion
+layers; 3,000 training / 600 validation expressions, 300 steps): attention-itm 76.0 %; fusion-itm
+with all three layers 60.5 / 51.8 % at 200 / 300 steps, and the same with the cross-attention's
+query/key weights re-drawn at std 0.05 or 0.1 (``--cross-qk-std``; 51-54 %), or 0.05 with
+``--cross-lr 1e-3 --warmup 30`` (50 %); the first two layers alone (``--keep-fusion-layers 2``) 67.5 /
+62.3 %, and 63.7 / 63.2 % with ``--lr 2e-5 --cross-lr 3e-4``; the first layer alone with ``--lr 2e-5
+--cross-lr 3e-4`` 67.2 / 64.5 %. The third fusion layer (MiniLM's last layer) is what keeps the stack
+from learning; the small preset now has two. Minutes per probe on one core (about a minute at
+these sizes).
 
     python bench/probe_fusion.py --init ours:runs/demo/pretrain/stage2 --world runs/demo/world \\
         --probe attention-boxes attention-itm fusion-itm

@@ -283,7 +283,9 @@ def _presets() -> dict[str, X2VLMConfig]:
             tokenizer="tiny",
         ),
         # The embedded default: a CPU-sized model whose text layers come from MiniLM-L6 (384 wide),
-        # fusion layers initialised from its upper three layers, as the official recipe does for BERT.
+        # two fusion layers initialised from its upper layers, as the official recipe does for BERT
+        # (with three, the last one kept the fusion from learning image-text matching in probes:
+        # bench/probe_fusion.py), and a two-layer answer decoder from those.
         "x2vlm-small": _preset(
             "x2vlm-small",
             image_res=96,
@@ -292,7 +294,7 @@ def _presets() -> dict[str, X2VLMConfig]:
             embed_dim=128,
             frame_len=4,
             add_frame_pos=True,
-            num_dec_layers=3,
+            num_dec_layers=2,
         ),
     }
     return presets
