@@ -83,8 +83,9 @@ def test_text_encoder_from_minilm_equals_reference(minilm_dir):
     torch.testing.assert_close(ours[valid], expected[valid], atol=1e-5, rtol=0)
     # fusion layers start as copies of MiniLM's upper layers (self-attention and FFN)
     layers = model.text_encoder.encoder.layer
-    assert torch.equal(layers[6].attention.self.query.weight, layers[3].attention.self.query.weight)
-    assert torch.equal(layers[8].output.dense.weight, reference.encoder.layer[5].output.dense.weight)
+    assert len(layers) == 8
+    assert torch.equal(layers[6].attention.self.query.weight, layers[4].attention.self.query.weight)
+    assert torch.equal(layers[7].output.dense.weight, reference.encoder.layer[5].output.dense.weight)
 
 
 def test_minilm_into_mismatched_width_fails_clearly(minilm_dir):

@@ -284,7 +284,7 @@ def _presets() -> dict[str, X2VLMConfig]:
         ),
         # The embedded default: a CPU-sized model whose text layers come from MiniLM-L6 (384 wide),
         # two fusion layers initialised from its upper layers, as the official recipe does for BERT
-        # (with three, the last one kept the fusion from learning image-text matching in probes:
+        # (a stack of three did not learn image-text matching in probes on frozen features, two do:
         # bench/probe_fusion.py), and a two-layer answer decoder from those.
         "x2vlm-small": _preset(
             "x2vlm-small",
