@@ -293,15 +293,18 @@ def sample_scene(rng: np.random.Generator, image_id: int, split: str, file_name:
     novel = split == vocab.NOVEL_SPLIT
     count = int(rng.integers(1, 5))
     triples = sample_attributes(rng, count, novel)
-    sides = [vocab.object_size_px(size, image_size, grid_px=grid_px) for _, _, size in triples]
-    boxes = place_boxes(rng, sides, image_size, grid_px)
+
+    def place(triples):
+        sides = [vocab.object_size_px(size, image_size, grid_px=grid_px) for _, _, size in triples]
+        return place_boxes(rng, sides, image_size, grid_px)
+
+    boxes = place(triples)
     if novel and len(boxes) < len(triples):
         # keep the held-out object: it may be the one that was dropped
         held = [i for i, (shape, color, _) in enumerate(triples) if vocab.is_held_out(color, shape)]
         if held and held[0] >= len(boxes):
             triples = [triples[held[0]]] + [t for i, t in enumerate(triples) if i != held[0]]
-            sides = [vocab.object_size_px(s, image_size, grid_px=grid_px) for _, _, s in triples]
-            boxes = place_boxes(rng, sides, image_size, grid_px)
+            boxes = place(triples)
     objects = tuple(
         SceneObject(
             id=index,

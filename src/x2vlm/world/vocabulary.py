@@ -257,10 +257,11 @@ def object_size_px(size: str, image_size: int, video: bool = False, grid_px: int
     if video:
         return max(4, round(VIDEO_SIZE_FRACTIONS[size] * image_size))
     cells_per_side = image_size / grid_px
-    small = max(1, round(SIZE_FRACTIONS["small"] * cells_per_side), -(-4 // grid_px))
+    min_cells = (4 + grid_px - 1) // grid_px  # at least 4 px
+    small_cells = max(min_cells, round(SIZE_FRACTIONS["small"] * cells_per_side))
     if size == "small":
-        return small * grid_px
-    return max(small + 1, round(SIZE_FRACTIONS[size] * cells_per_side)) * grid_px
+        return small_cells * grid_px
+    return max(small_cells + 1, round(SIZE_FRACTIONS[size] * cells_per_side)) * grid_px
 
 
 def relation_margin_px(image_size: int) -> int:
