@@ -183,7 +183,7 @@ def test_objects_sit_on_the_patch_aligned_grid(world, manifest, tmp_path):
     definition = json.loads((world / "world" / "world.json").read_text())
     grid = definition["grid_px"]
     assert grid == vocab.DEFAULT_GRID_PX == 16
-    assert definition["object_size_px"] == {"small": 16, "large": 32}
+    assert definition["object_size_px"] == {"small": 32, "large": 48}
     for scenes in scenes_by_split(world, manifest).values():
         for scene in scenes:
             for obj in scene["objects"]:
@@ -193,7 +193,7 @@ def test_objects_sit_on_the_patch_aligned_grid(world, manifest, tmp_path):
     # free placement is still available, and an image side off the grid is refused
     free = tmp_path / "free"
     generate(free, size="tiny", seed=SEED, image_size=100, grid_px=1)
-    assert json.loads((free / "world" / "world.json").read_text())["object_size_px"] == {"small": 21, "large": 33}
+    assert json.loads((free / "world" / "world.json").read_text())["object_size_px"] == {"small": 33, "large": 50}
     offsets = {obj["box"][0] % 16 for scene in json.loads((free / "world" / "scenes_train.json").read_text())["scenes"]
                for obj in scene["objects"]}
     assert len(offsets) > 1
