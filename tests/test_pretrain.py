@@ -274,3 +274,15 @@ def test_same_caption_matches_makes_identical_captions_positives_and_never_negat
         for seed in range(20):
             image_neg, text_neg = real_neg(vfeat, tfeat, model.temp, ids=ids, generator=torch.Generator().manual_seed(seed))
             assert not ids[image_neg].eq(ids).any() and not ids[text_neg].eq(ids).any()
+
+
+def test_region_texts_are_encoded_once_per_step(tmp_path, data_dir, monkeypatch):
+    """The region grain's aligning losses and its box losses share one pass of the text encoder."""
+    from x2vlm.models.x2vlm import X2VLM
+
+    calls = []
+    real = X2VLM.encode_text
+    monkeypatch.setattr(X2VLM, "encode_text", lambda self, *a, **k: calls.append(a[0].shape) or real(self, *a, **k))
+    cfg = run_config(data_dir, tmp_path / "run", steps=2, images=None, videos=None, texts=None)
+    P.run_pretraining(P.build_pretrain_config(cfg, "test"))
+    assert len(calls) == 2

@@ -189,11 +189,14 @@ def aligning_losses(
     compute_itm: bool,
     valid: torch.Tensor | None = None,
     same_caption_matches: bool = False,
+    text: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ITC + ITM (hard negatives) + MLM for one grain (image, region or video) and its texts; with
     ``same_caption_matches`` the pairs whose captions are identical count as matches (ITC positives,
-    never ITM negatives)."""
-    text = model.encode_text(batch.text_ids, batch.text_mask)
+    never ITM negatives). ``text``: the texts' states from ``model.encode_text``, when the caller
+    needs them too (the region grain's box losses); encoded here otherwise."""
+    if text is None:
+        text = model.encode_text(batch.text_ids, batch.text_mask)
     vision_feat, text_feat = model.vision_features(vision), model.text_features(text)
     ids = O.caption_ids(batch.text_ids) if same_caption_matches else None
     losses = {"itc": O.contrastive_loss(vision_feat, text_feat, model.temp, ids=ids, valid=valid)}
@@ -227,9 +230,10 @@ def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generato
     if "regions" in batches:
         b = batches["regions"]
         region, region_mask, full = model.encode_regions(b.images, b.image_index, b.region_mask)
-        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid, same_caption_matches=same)
+        text = model.encode_text(b.text_ids, b.text_mask)  # once, for the aligning and the box losses
+        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid, same_caption_matches=same,
+                                text=text)
         losses.update({f"region_{k}": v for k, v in grain.items()})
-        text = model.encode_text(b.text_ids, b.text_mask)
         boxes = model.predict_boxes(full, text, b.text_mask)
         not_box = b.is_image.float() + (~b.valid).float()
         losses["region_bbox"], losses["region_giou"] = O.box_losses(boxes, b.target_boxes, is_image=not_box.clamp(max=1))
