@@ -92,3 +92,25 @@ def test_cross_attention_takes_its_own_rate_when_asked():
     separate = X2VLM(preset("x2vlm-tiny", text={"num_layers": 4, "fusion_start": 4}, cross_num_layers=2))
     names = groups_by_name(parameter_groups(separate, OptimizerConfig(text_lr=4e-5, cross_attention_lr=1e-3)))["cross_attention"]["param_names"]
     assert names and all(n.startswith("cross_encoder.") for n in names)
+
+
+def test_optimizer_uses_the_fused_kernel_with_the_loop_kernels_result():
+    """CPU parameters take torch's fused AdamW (one kernel, not a Python loop over parameters); its
+    steps equal the reference loop implementation's with the same groups."""
+    torch.manual_seed(0)
+    model = X2VLM(preset("x2vlm-tiny", task="pretrain"))
+    reference = X2VLM(preset("x2vlm-tiny", task="pretrain"))
+    reference.load_state_dict(model.state_dict())
+    cfg = OptimizerConfig(lr=1e-3, weight_decay=0.05)
+    fused = build_optimizer(model, cfg, new_params=["itm_head.0.weight"])
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(parameter_groups(reference, cfg, new_params=["itm_head.0.weight"]), lr=cfg.lr, betas=cfg.betas,
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+    for step in range(3):
+        for m in (model, reference):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel())) * 1e-2
+        fused.step()
+        loop.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
