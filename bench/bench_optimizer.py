@@ -19,7 +19,7 @@ from x2vlm.train.optim import OptimizerConfig, parameter_groups
 def step_times(model: torch.nn.Module, fused: bool, repeats: int) -> list[float]:
     cfg = OptimizerConfig(lr=1e-4)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=fused, foreach=False if not fused else None)
+                                  weight_decay=cfg.weight_decay, fused=fused, foreach=False)
     optimizer.step()  # allocates the state: the warm-up
     times = []
     for _ in range(repeats):

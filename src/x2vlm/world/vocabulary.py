@@ -35,8 +35,8 @@ DEFAULT_GRID_PX = 16
 #: a large object is at least one cell larger than a small one): at 96 px, 32 and 48 px, two and
 #: three patches of the small preset. Against one and two patches (0.21 / 0.33), the demo's test
 #: retrieval R@10 rose from 50.8 / 46.4 to 58.5 / 61.6, VQA from 32.5 to 36.0 and captioning BLEU-4
-#: from 31.2 to 34.1 (session 8; the README's demo section), and a referring box needs less precision
-#: for IoU >= 0.5 (a one-patch box only 5 px of offset).
+#: from 31.2 to 34.1 (session 8: demo runs demo_s7c and exp48 in the README), and a referring box
+#: needs less precision for IoU >= 0.5 (a one-patch box tolerates only 5 px of offset).
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.33, "large": 0.5}
 #: Objects of video frames (placed freely, not on the grid).
 VIDEO_SIZE_FRACTIONS: dict[str, float] = {"small": 0.21, "large": 0.31}
