@@ -185,3 +185,25 @@ def test_model_directory_is_found_from_a_run_a_pointer_or_itself(toy_module, tmp
     assert resolve_model_dir(run / "best") == run / "best"
     with pytest.raises(FileNotFoundError, match="not an x2vlm model directory"):
         resolve_model_dir(tmp_path)
+
+
+def test_frozen_towers_keep_their_weights_and_memoizing_changes_no_loss(toy_module, tmp_path):
+    with pytest.raises(ValueError, match="freeze: unknown tower"):
+        FT.build_finetune_config({"task": "toy", "freeze": ["audio"]}, "f.yaml")
+    FT.run_finetuning(toy_config(tmp_path / "init", epochs=1))
+    init = tmp_path / "init" / "best"
+    curves = {}
+    for memoize in (True, False):
+        run = tmp_path / f"frozen_{memoize}"
+        FT.run_finetuning(toy_config(run, epochs=1, init=f"ours:{init}", freeze=["vision", "text"], memoize_frozen=memoize))
+        curves[memoize] = losses(run)
+    assert [s for s, _ in curves[True]] == [s for s, _ in curves[False]] == list(range(1, 9))
+    for (_, memoized), (_, recomputed) in zip(curves[True], curves[False]):
+        assert memoized == pytest.approx(recomputed, rel=1e-5, abs=1e-6)
+
+    from safetensors.torch import load_file
+
+    before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "frozen_True" / "best" / "model.safetensors")
+    tower = lambda name: name.startswith(("vision_encoder.", "text_encoder.embeddings.", "text_encoder.encoder.layer.0."))  # noqa: E731
+    assert any(tower(n) for n in before) and all(torch.equal(before[n], after[n]) for n in before if tower(n))
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("cls_head."))

@@ -133,3 +133,20 @@ def test_shipped_configs_parse_and_use_known_keys(name):
     cfg = load_finetune_config(Path(N.__file__).parents[1] / "configs" / "finetune" / f"{name}.yaml", task="nlvr")
     check_keys(cfg.data, N.DATA_KEYS, name)
     assert next(iter(cfg.data["eval_files"])) == "val"
+
+
+def test_statement_text_layers_run_once_for_both_images(tiny_state):
+    """``nlvr_logits`` runs the statement's text layers once and fuses them with each image: the
+    logits of the official form (text + fusion stack run once per image) with less work."""
+    model = tiny_nlvr_model(tiny_state).eval()
+    g = torch.Generator().manual_seed(2)
+    res = model.cfg.image_res
+    left, right = torch.randn(2, 3, res, res, generator=g), torch.randn(2, 3, res, res, generator=g)
+    ids = torch.randint(5, model.cfg.text.vocab_size, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        got = model.nlvr_logits(left, right, ids, mask)
+        cls = [model.encode_multimodal(ids, mask, *model.encode_images(images))[:, 0] for images in (left, right)]
+        expected = model.classify(torch.cat(cls, dim=-1))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -271,3 +271,52 @@ def test_grad_checkpointing_recomputes_and_gives_the_same_gradients(tiny_state):
     with torch.no_grad():  # nothing to recompute without gradients
         model.encode_images(images)
     assert calls["vision"] == 4
+
+
+def test_memoized_frozen_towers_give_the_recomputed_results_and_fusion_gradients(tiny_state):
+    """Fine-tuning on frozen towers: each distinct image / text runs its tower once (a text keyed by
+    its unpadded tokens, so another batch's padding still hits), and boxes and fusion gradients
+    equal those of running the towers every time; the towers stay in eval mode and get no gradient."""
+    plain = build_tiny("grounding", tiny_state)
+    memo = build_tiny("grounding", tiny_state)
+    memo.freeze(["vision", "text"], memoize=True)
+    plain.freeze(["vision", "text"], memoize=False)
+    for model in (plain, memo):
+        model.train()
+        for module in model.modules():  # dropout off everywhere (the fusion trains), so the two runs compare
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "dropout_p"):
+                module.dropout_p = 0.0
+    assert not memo.vision_encoder.training and not memo.text_encoder.encoder.layer[0].training
+    assert memo.text_encoder.encoder.layer[-1].training
+    g = torch.Generator().manual_seed(5)
+    res, vocab = memo.cfg.image_res, memo.cfg.text.vocab_size
+    images = torch.randn(3, 3, res, res, generator=g)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    lengths = [9, 6, 4]
+    mask = (torch.arange(9) < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    calls = {"vision": 0}
+    forward = memo.vision_encoder.forward
+    memo.vision_encoder.forward = lambda x: (calls.__setitem__("vision", calls["vision"] + len(x)), forward(x))[1]
+
+    def boxes_and_grads(model, rows, length):
+        model.zero_grad(set_to_none=True)
+        pick = torch.tensor(rows)
+        vision, _ = model.encode_images(images[pick])
+        text = model.encode_text(ids[pick, :length], mask[pick, :length])
+        boxes = model.predict_boxes(vision, text, mask[pick, :length])
+        boxes.sum().backward()
+        return boxes.detach(), grads(model)
+
+    for rows, length in [([0, 1, 1], 9), ([2, 1], 6), ([1, 2, 0], 9)]:  # repeats, another padding
+        expected, expected_grads = boxes_and_grads(plain, rows, length)
+        got, got_grads = boxes_and_grads(memo, rows, length)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+        assert_same_grads(got_grads, expected_grads)
+        assert not any(name.startswith("vision_encoder.") or ".layer.0." in name for name in got_grads)
+    assert calls["vision"] == 3  # three distinct images, each encoded once
+    assert memo.memoized_inputs == 6  # three images + texts 0 (9 tokens), 1 (6), 2 (4)
+    with pytest.raises(ValueError, match="unknown tower 'audio'"):
+        memo.freeze(["audio"])

@@ -12,6 +12,9 @@ VQA decoder at ``answer_decoder``/``answer_head``; ``x2vlm.checkpoint`` maps the
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,8 @@ from x2vlm.config import X2VLMConfig
 from x2vlm.models.beit import VisionTransformer
 from x2vlm.models.bert import CrossKV, MLMHead, TextTransformer
 from x2vlm.models.layers import build_mlp
+
+TOWERS = ("vision", "text")  # what ``X2VLM.freeze`` can freeze
 
 
 class X2VLM(nn.Module):
@@ -66,6 +71,8 @@ class X2VLM(nn.Module):
             self.answer_decoder = TextTransformer(t, cfg.num_dec_layers, cross_start=0, cross_width=width, causal=True)
             self.answer_head = MLMHead(t)
         self._init_text_weights()
+        self.frozen: tuple[str, ...] = ()
+        self._memo: dict[bytes, torch.Tensor] | None = None
 
     def _init_text_weights(self) -> None:
         """BERT initialisation for everything outside the vision tower (N(0, 0.02), zero bias, LN 1/0)."""
@@ -90,16 +97,74 @@ class X2VLM(nn.Module):
             if isinstance(module, (VisionTransformer, TextTransformer)):
                 module.grad_checkpointing = enable
 
+    # -- frozen towers ------------------------------------------------------------------------
+    def tower_modules(self, tower: str) -> list[nn.Module]:
+        """The modules of a tower: "vision" (the image encoder) or "text" (embeddings and the text
+        layers before fusion; the whole text encoder where the fusion is a separate cross encoder)."""
+        if tower == "vision":
+            return [self.vision_encoder]
+        if tower == "text":
+            if self.cross_encoder is not None:
+                return [self.text_encoder]
+            return [self.text_encoder.embeddings, *self.text_encoder.encoder.layer[: self.num_text_layers]]
+        raise ValueError(f"unknown tower {tower!r}; towers: {', '.join(TOWERS)}")
+
+    def freeze(self, towers: Iterable[str], memoize: bool = False) -> None:
+        """Stop training ``towers`` ("vision", "text"): no gradients, and dropout off for good
+        (``train()`` leaves them in eval mode). A frozen tower gives the same output for the same
+        input, so with ``memoize`` its outputs are kept per input (keyed by content; a text by its
+        unpadded tokens): an image or text seen again costs no forward pass. Fine-tuning the fusion
+        on frozen towers then costs little more than the fusion itself, at the price of memory for
+        every distinct input seen (e.g. (1+N) x D floats per image)."""
+        towers = tuple(dict.fromkeys(towers))
+        for tower in towers:
+            for module in self.tower_modules(tower):
+                module.requires_grad_(False)
+                module.eval()
+        self.frozen = towers
+        self._memo = {} if memoize and towers else None
+
+    def train(self, mode: bool = True) -> X2VLM:
+        super().train(mode)
+        for tower in getattr(self, "frozen", ()):
+            for module in self.tower_modules(tower):
+                module.eval()
+        return self
+
+    def _memoized(self, tower: str, rows: list[torch.Tensor], compute: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        """``compute`` of a frozen tower on per-row inputs, each distinct row computed once ever."""
+        memo = self._memo
+        keys = [tower.encode() + _content_key(row) for row in rows]
+        missing = list(dict.fromkeys(k for k in keys if k not in memo))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            with torch.no_grad():
+                outputs = compute([first[k] for k in missing])
+            for key, output in zip(missing, outputs):
+                memo[key] = output
+        return [memo[k] for k in keys]
+
+    @property
+    def memoized_inputs(self) -> int:
+        """How many distinct tower inputs the memo holds (0 without ``freeze(..., memoize=True)``)."""
+        return len(self._memo or ())
+
+    def _vision_tower(self, images: torch.Tensor) -> torch.Tensor:
+        if self._memo is None or "vision" not in self.frozen:
+            return self.vision_encoder(images)
+        rows = self._memoized("vision", list(images), lambda index: self.vision_encoder(images[index]))
+        return torch.stack(rows)
+
     # -- vision --------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> embeddings (B, 1+N, D) and an all-ones mask."""
-        embeds = self.vision_encoder(images)
+        embeds = self._vision_tower(images)
         return embeds, _ones_mask(embeds)
 
     def encode_frames(self, videos: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) -> per-frame embeddings (B, F, 1+N, D), frame position added."""
         batch, frames = videos.shape[:2]
-        embeds = self.vision_encoder(videos.flatten(0, 1))
+        embeds = self._vision_tower(videos.flatten(0, 1))
         embeds = embeds.view(batch, frames, *embeds.shape[1:])
         if self.cfg.add_frame_pos:
             if frames > self.cfg.frame_len:
@@ -134,11 +199,31 @@ class X2VLM(nn.Module):
         return self.cfg.text.fusion_start
 
     def encode_text(self, input_ids: torch.Tensor, mask: torch.Tensor, output_hidden_states: bool = False):
-        """Text layers only (no vision). Returns states, or (states, per-layer states) if asked."""
+        """Text layers only (no vision). Returns states, or (states, per-layer states) if asked.
+
+        A memoized frozen text tower returns zeros at padding positions (every later layer masks them)."""
+        if self._memo is not None and "text" in self.frozen and not output_hidden_states and mask.dim() == 2:
+            return self._memoized_text(input_ids, mask)
         enc = self.text_encoder
-        hidden = enc.embeddings(input_ids)
-        states, per_layer = enc.run_layers(hidden, mask, 0, self.num_text_layers, output_hidden_states=output_hidden_states)
+        states, per_layer = enc.run_layers(enc.embeddings(input_ids), mask, 0, self.num_text_layers, output_hidden_states=output_hidden_states)
         return (states, per_layer) if output_hidden_states else states
+
+    def _memoized_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(dim=1).tolist()
+        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) < mask.sum(1, keepdim=True))).all()):
+            raise ValueError("memoized text tower: masks must be right-padded (ones, then zeros)")
+        rows = [ids[:n] for ids, n in zip(input_ids, lengths)]
+
+        def compute(index: list[int]) -> list[torch.Tensor]:
+            enc = self.text_encoder
+            states, _ = enc.run_layers(enc.embeddings(input_ids[index]), mask[index], 0, self.num_text_layers)
+            return [row[: lengths[i]] for row, i in zip(states, index)]
+
+        states = self._memoized("text", rows, compute)
+        out = states[0].new_zeros(len(states), input_ids.shape[1], states[0].shape[-1])
+        for i, row in enumerate(states):
+            out[i, : row.shape[0]] = row
+        return out
 
     def _fusion_layers(self) -> tuple[TextTransformer, int, int]:
         if self.cross_encoder is not None:
@@ -241,12 +326,14 @@ class X2VLM(nn.Module):
         return self.cls_head(fused_cls)
 
     def nlvr_logits(self, left_images: torch.Tensor, right_images: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """NLVR2: both images encoded in one batch, the statement fused with each, CLS pair -> 2 logits."""
+        """NLVR2: both images encoded in one batch, the statement's text layers run once and fused
+        with each image, CLS pair -> 2 logits."""
         embeds, vmask = self.encode_images(torch.cat([left_images, right_images]))
         left, right = embeds.chunk(2)
         left_mask, right_mask = vmask.chunk(2)
-        fused_left = self.encode_multimodal(input_ids, mask, left, left_mask)
-        fused_right = self.encode_multimodal(input_ids, mask, right, right_mask)
+        text = self.encode_text(input_ids, mask)
+        fused_left = self.fuse(text, mask, left, left_mask)
+        fused_right = self.fuse(text, mask, right, right_mask)
         return self.classify(torch.cat([fused_left[:, 0], fused_right[:, 0]], dim=-1))
 
     # -- VQA answer decoder ----------------------------------------------------------------------
@@ -265,6 +352,12 @@ class X2VLM(nn.Module):
         targets = answer_ids.masked_fill(answer_mask == 0, -100)[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
         return nll.sum(dim=1)
+
+
+def _content_key(row: torch.Tensor) -> bytes:
+    data = row.detach().cpu().contiguous()
+    header = f"{data.dtype}{tuple(data.shape)}".encode()
+    return hashlib.blake2b(header + data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
 
 
 def _ones_mask(embeds: torch.Tensor) -> torch.Tensor:

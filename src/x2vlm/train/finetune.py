@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from x2vlm.checkpoint import from_pretrained, save_pretrained
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, preset
-from x2vlm.models.x2vlm import X2VLM
+from x2vlm.models.x2vlm import TOWERS, X2VLM
 from x2vlm.tasks.common import EvalContext, FinetuneTask
 from x2vlm.tokenizer import Tokenizer, model_tokenizer
 from x2vlm.train.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -75,6 +75,11 @@ class FinetuneConfig:
     # Activation checkpointing of every transformer block/layer (X2VLM.set_grad_checkpointing): less
     # activation memory for about a third more compute; the same values and gradients.
     grad_checkpointing: bool = False
+    # Towers kept as initialised ("vision", "text"; X2VLM.freeze): only the fusion and heads train.
+    # With memoize_frozen their outputs are computed once per distinct image / text (memory: every
+    # distinct input's output), which makes a step of fusion-only training several times cheaper.
+    freeze: list[str] = field(default_factory=list)
+    memoize_frozen: bool = True
     precision: str = "auto"
     seed: int = 42
     out_dir: str = "runs/finetune"
@@ -95,6 +100,9 @@ def build_finetune_config(data: Any, where: str) -> FinetuneConfig:
     cfg = dataclass_from_mapping(FinetuneConfig, data, where, _SECTIONS)
     if cfg.task not in TASK_MODULES:
         raise ValueError(f"{where}: task {cfg.task!r} unknown; known: {', '.join(TASK_MODULES)}")
+    unknown = [t for t in cfg.freeze if t not in TOWERS]
+    if unknown:
+        raise ValueError(f"{where}: freeze: unknown tower(s) {unknown}; towers: {', '.join(TOWERS)}")
     return cfg
 
 
@@ -226,6 +234,10 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     model, new_params = build_model(cfg, task, base_cfg)
     model.to(dist_info.device)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.freeze:
+        model.freeze(cfg.freeze, memoize=cfg.memoize_frozen)
+        log.info("frozen: %s (%s); %d trainable parameters", ", ".join(cfg.freeze), "memoized" if cfg.memoize_frozen else "recomputed",
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
     steps_per_epoch = len(task.train_set) // (cfg.batch_size * dist_info.world_size) // cfg.accumulate
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
     if total_steps <= 0:
@@ -273,7 +285,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
                 batch = batch.to(dist_info.device)
                 sync = micro == len(micro_batches) - 1
                 with NoSync(objective, sync), autocast():
-                    if step_flops is None:
+                    if step_flops is None:  # with memoized frozen towers this first step runs them: MFU is an upper bound
                         losses, step_flops = count_step_flops(lambda: _forward_backward(objective, batch, generator, cfg.accumulate))
                     else:
                         losses = _forward_backward(objective, batch, generator, cfg.accumulate)
