@@ -59,8 +59,8 @@ class DemoTask:
 DEMO_TASKS: tuple[DemoTask, ...] = (
     DemoTask("retrieval", "retrieval", "retrieval_small_world.yaml", 55),
     DemoTask("vqa", "vqa", "vqa_small_world.yaml", 40),
-    DemoTask("nlvr", "nlvr", "nlvr2_small_world.yaml", 85),
-    DemoTask("grounding", "grounding", "grounding_small_world.yaml", 75),
+    DemoTask("nlvr", "nlvr", "nlvr2_small_world.yaml", 40),
+    DemoTask("grounding", "grounding", "grounding_small_world.yaml", 90),
     DemoTask("captioning", "captioning", "captioning_small_world.yaml", 55),
     DemoTask("video_retrieval", "retrieval", "video_retrieval_small_world.yaml", 40),
     DemoTask("video_qa", "video_qa", "video_qa_small_world.yaml", 30),
