@@ -52,7 +52,7 @@ def test_demo_every_stage_report_resume_and_repeat(tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         run_demo(settings(out, ablation=True))
     state = json.loads((out / "demo_state.json").read_text())
-    assert list(state["stages"])[:4] == ["world", "pretrain_stage1", "pretrain_stage2", "pretrain_stage2_no_regions"]
+    assert list(state["stages"])[:5] == ["world", "pretrain_stage1", "pretrain_stage2", "pretrain_stage3", "pretrain_stage2_no_regions"]
     assert "finetune:nlvr:pre" in state["stages"] and "finetune:nlvr:scratch" not in state["stages"]
 
     (out / "resumed").touch()
@@ -65,7 +65,7 @@ def test_demo_every_stage_report_resume_and_repeat(tmp_path, monkeypatch):
     state = json.loads((out / "demo_state.json").read_text())
     expected = {f"finetune:{t.key}:{init}" for t in DEMO_TASKS for init in ("pre", "scratch")}
     expected |= {"finetune:retrieval:no_regions", "finetune:grounding:no_regions", "world", "chance",
-                 "pretrain_stage1", "pretrain_stage2", "pretrain_stage2_no_regions"}
+                 "pretrain_stage1", "pretrain_stage2", "pretrain_stage3", "pretrain_stage2_no_regions"}
     assert set(state["stages"]) == expected
     for stage, entry in state["stages"].items():
         assert entry["seconds"] > 0

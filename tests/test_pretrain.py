@@ -71,7 +71,11 @@ def losses_by_step(out_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_parse(path):
     cfg = P.load_pretrain_config(path)
-    assert cfg.images is not None and cfg.images.kind == "image_text" and cfg.steps > 0
+    assert cfg.steps > 0
+    if path.stem == "small_world_localization":  # the embedded default's stage 3: boxes on frozen towers
+        assert cfg.images is None and cfg.videos is None and cfg.regions.boxes_only and cfg.freeze == ["vision", "text"]
+        return
+    assert cfg.images is not None and cfg.images.kind == "image_text"
     if path.stem == "small_world_stage1":  # the image-text warm-up stage of the embedded default
         assert cfg.regions is None and cfg.videos is None and cfg.stop_calc_itm == 0
         assert cfg.text_tower_frozen_steps == cfg.steps
@@ -286,3 +290,31 @@ def test_region_texts_are_encoded_once_per_step(tmp_path, data_dir, monkeypatch)
     cfg = run_config(data_dir, tmp_path / "run", steps=2, images=None, videos=None, texts=None)
     P.run_pretraining(P.build_pretrain_config(cfg, "test"))
     assert len(calls) == 2
+
+
+def test_localization_stage_trains_only_the_box_losses_on_frozen_towers(tmp_path, data_dir):
+    """``regions.boxes_only`` + ``freeze``: the step's losses are the box losses alone, the towers
+    keep their initial weights, the fusion layers and the box head train."""
+    from safetensors.torch import load_file
+
+    from x2vlm.config import preset
+    from x2vlm.models.x2vlm import X2VLM
+
+    with pytest.raises(ValueError, match="'boxes_only' is only for region_text"):
+        P.build_pretrain_config(run_config(data_dir, tmp_path / "bad", images={"paths": ["x.jsonl"], "batch_size": 2, "boxes_only": True}), "t")
+    with pytest.raises(ValueError, match="freeze: unknown tower"):
+        P.build_pretrain_config(run_config(data_dir, tmp_path / "bad", freeze=["fusion"]), "t")
+    out = tmp_path / "run"
+    cfg = run_config(data_dir, out, steps=2, ckpt_every=2, images=None, videos=None, texts=None, freeze=["vision", "text"],
+                     precision="fp32", init="scratch")
+    cfg["regions"]["boxes_only"] = True
+    P.run_pretraining(P.build_pretrain_config(cfg, "test"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in logged for k in r if k.startswith("loss_")} == {"loss_region_bbox", "loss_region_giou"}
+    torch.manual_seed(cfg.get("seed", 42))  # the seeded random init of a scratch run
+    model = X2VLM(preset("x2vlm-tiny", task="pretrain", tokenizer=TINY_VOCAB))
+    init, last = model.state_dict(), load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    towers = [n for n in init if n.startswith(("vision_encoder.", "text_encoder.embeddings.", "text_encoder.encoder.layer.0."))]
+    assert towers and all(torch.equal(init[n], last[n]) for n in towers)
+    fusion = f"text_encoder.encoder.layer.{model.num_text_layers}.crossattention.self.query.weight"
+    assert not torch.equal(init[fusion], last[fusion]) and not torch.equal(init["bbox_head.0.weight"], last["bbox_head.0.weight"])

@@ -89,6 +89,8 @@ class SourceConfig:
     ``parallel_text``: ``caption_key`` names side 1 (default ``source_text``, masked for MLM) and
     ``target_key`` side 2 (default ``target_text``, never masked); both use ``max_tokens``.
     ``name`` labels logs and decorrelates the random streams of sources of the same kind.
+    ``boxes_only`` (region_text): the grain trains only multi-grained localization (box L1 + GIoU of
+    each region text on its full image), not region ITC / ITM / MLM.
     """
 
     kind: str
@@ -120,6 +122,7 @@ class SourceConfig:
     max_bad_fraction: float = 0.05
     bad_check_after: int = 1000
     name: str | None = None
+    boxes_only: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,6 +157,8 @@ class SourceConfig:
                 raise ValueError(f"source field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < 3:
             raise ValueError(f"source field 'max_tokens' must be >= 3, got {self.max_tokens}")
+        if self.boxes_only and self.kind != "region_text":
+            raise ValueError(f"source field 'boxes_only' is only for region_text sources, not {self.kind}")
         if self.kind == "region_text" and (self.max_images is None or self.max_images < 1):
             raise ValueError("source field 'max_images' (images per batch) is required for region_text, >= 1")
         if self.frame_len is not None and self.frame_len < 1:

@@ -157,7 +157,7 @@ def plot_pretraining(stages: dict[str, dict[str, Any]], out_png: Path) -> Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(name, stages[name]["result"]["out_dir"]) for name in ("pretrain_stage1", "pretrain_stage2", "pretrain_stage2_no_regions")
+    runs = [(name, stages[name]["result"]["out_dir"]) for name in ("pretrain_stage1", "pretrain_stage2", "pretrain_stage3", "pretrain_stage2_no_regions")
             if name in stages]
     if not runs:
         return None

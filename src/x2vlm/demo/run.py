@@ -5,10 +5,12 @@ finishes, so a re-run skips finished stages and a stage interrupted half-way res
 checkpoints (pre-training and fine-tuning resume exactly):
 
 1. ``world``: the generated world in ``DIR/world`` (``x2vlm world generate``).
-2. ``pretrain_stage1``, ``pretrain_stage2``: the small preset's two-stage pre-training
-   (``configs/pretrain/small_world_stage1.yaml``, then ``small_world.yaml`` from it).
+2. ``pretrain_stage1``, ``pretrain_stage2``, ``pretrain_stage3``: the small preset's pre-training
+   (``configs/pretrain/small_world_stage1.yaml``, then ``small_world.yaml`` from it, then the
+   localization stage ``small_world_localization.yaml``: box losses only, on frozen towers); the
+   pre-trained model of every task is stage 3's.
 3. ``pretrain_stage2_no_regions`` (``ablation``): stage 2 again from the same stage 1 but without
-   region-text data, i.e. without region ITC/ITM/MLM and the box losses.
+   region-text data, i.e. without region ITC/ITM/MLM and the box losses (and no stage 3).
 4. ``finetune:TASK:INIT`` for every task of the table: from the pre-trained model (``pre``), from a
    random initialisation with the same budget (``scratch``), and for retrieval and grounding from the
    ablation (``no_regions``). Configs: ``configs/finetune/*_small_world.yaml``.
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 STATE_FILE = "demo_state.json"
+PRETRAINED = "stage3"  # DIR/pretrain/<this>: the pre-trained model every task starts from
 #: The path prefixes the packaged small-world configs use, and where they point inside a demo directory.
 WORLD_PREFIX = "runs/world"
 
@@ -60,7 +63,7 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
     DemoTask("retrieval", "retrieval", "retrieval_small_world.yaml", 55),
     DemoTask("vqa", "vqa", "vqa_small_world.yaml", 40),
     DemoTask("nlvr", "nlvr", "nlvr2_small_world.yaml", 40),
-    DemoTask("grounding", "grounding", "grounding_small_world.yaml", 90),
+    DemoTask("grounding", "grounding", "grounding_small_world.yaml", 55),
     DemoTask("captioning", "captioning", "captioning_small_world.yaml", 55),
     DemoTask("video_retrieval", "retrieval", "video_retrieval_small_world.yaml", 40),
     DemoTask("video_qa", "video_qa", "video_qa_small_world.yaml", 30),
@@ -203,7 +206,7 @@ def _finetune_stage(settings: DemoSettings, task: DemoTask, init: str) -> dict[s
     from x2vlm.train.finetune import build_finetune_config, config_to_yaml, run_finetuning
 
     out = settings.out_dir / "finetune" / f"{task.key}_{init}"
-    init_spec = {"pre": f"ours:{settings.out_dir / 'pretrain' / 'stage2'}",
+    init_spec = {"pre": f"ours:{settings.out_dir / 'pretrain' / PRETRAINED}",
                  "no_regions": f"ours:{settings.out_dir / 'pretrain' / 'stage2_no_regions'}",
                  "scratch": "scratch"}[init]
     data = stage_config(settings, CONFIG_ROOT / "finetune" / task.config,
@@ -237,7 +240,7 @@ def _multilingual_stage(settings: DemoSettings) -> dict[str, Any]:
     changes = dict(o.split("=", 1) for o in settings.pretrain_overrides if o.split("=", 1)[0] in MULTILINGUAL_KEYS)
     changes = {k: yaml.safe_load(v) for k, v in changes.items()}
     out = settings.out_dir / "multilingual"
-    result = transfer(settings.out_dir / "world", settings.out_dir / "pretrain" / "stage2", out, cclm_steps=budget.cclm_steps,
+    result = transfer(settings.out_dir / "world", settings.out_dir / "pretrain" / PRETRAINED, out, cclm_steps=budget.cclm_steps,
                       en_steps=budget.en_steps, batch_size=budget.batch_size, text_layers=budget.text_layers,
                       vocab_size=budget.vocab_size, control=budget.control, few_shot=budget.few_shot,
                       few_steps=budget.few_steps, seed=settings.seed, changes=changes)
@@ -256,6 +259,9 @@ def plan(settings: DemoSettings) -> list[Stage]:
         Stage("pretrain_stage2", "pre-train, stage 2 (images, regions, videos; all objectives)", 290,
               lambda: _pretrain_stage(settings, "stage2", "small_world.yaml",
                                       {"init": f"ours:{settings.out_dir / 'pretrain' / 'stage1'}"})),
+        Stage("pretrain_stage3", "pre-train, stage 3 (localization: box losses, frozen towers)", 90,
+              lambda: _pretrain_stage(settings, PRETRAINED, "small_world_localization.yaml",
+                                      {"init": f"ours:{settings.out_dir / 'pretrain' / 'stage2'}"})),
     ]
     if settings.ablation:
         stages.append(Stage("pretrain_stage2_no_regions", "pre-train, stage 2 without regions and boxes (ablation)", 200,

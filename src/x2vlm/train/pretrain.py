@@ -27,7 +27,7 @@ from tqdm import tqdm
 from x2vlm import objectives as O
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
-from x2vlm.models.x2vlm import X2VLM
+from x2vlm.models.x2vlm import TOWERS, X2VLM
 from x2vlm.tokenizer import load_tokenizer
 from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
@@ -76,6 +76,11 @@ class PretrainConfig:
     # Activation checkpointing of every transformer block/layer (X2VLM.set_grad_checkpointing): less
     # activation memory for about a third more compute; the same values and gradients.
     grad_checkpointing: bool = False
+    # Towers kept as initialised ("vision", "text"; X2VLM.freeze), their outputs memoized per distinct
+    # input with memoize_frozen: a stage that trains only the fusion and heads (the small world's
+    # localization stage) then costs little more than the fusion.
+    freeze: list[str] = field(default_factory=list)
+    memoize_frozen: bool = True
     parallel: str = "ddp"  # ddp | fsdp
     tensorboard: bool = True
 
@@ -103,7 +108,13 @@ _SECTIONS = {**{name: _source_section(name) for name in SOURCE_KINDS}, "optimize
 
 def build_pretrain_config(data: Any, where: str) -> PretrainConfig:
     """PretrainConfig from a mapping; unknown keys anywhere are errors naming the key."""
-    return dataclass_from_mapping(PretrainConfig, data, where, _SECTIONS)
+    cfg = dataclass_from_mapping(PretrainConfig, data, where, _SECTIONS)
+    unknown = [t for t in cfg.freeze if t not in TOWERS]
+    if unknown:
+        raise ValueError(f"{where}: freeze: unknown tower(s) {unknown}; towers: {', '.join(TOWERS)}")
+    if cfg.freeze and cfg.parallel != "ddp":
+        raise ValueError(f"{where}: freeze is supported with parallel: ddp, not {cfg.parallel}")
+    return cfg
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -215,8 +226,9 @@ def aligning_losses(
 
 
 def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool,
-                same_caption_matches: bool = False) -> dict[str, torch.Tensor]:
-    """All losses of one step, named ``<grain>_<objective>``."""
+                same_caption_matches: bool = False, region_boxes_only: bool = False) -> dict[str, torch.Tensor]:
+    """All losses of one step, named ``<grain>_<objective>``; with ``region_boxes_only`` the region
+    grain computes only its box losses (from the full images; no region features)."""
     same = same_caption_matches
     losses: dict[str, torch.Tensor] = {}
     if "images" in batches:
@@ -229,11 +241,15 @@ def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generato
         losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same).items()})
     if "regions" in batches:
         b = batches["regions"]
-        region, region_mask, full = model.encode_regions(b.images, b.image_index, b.region_mask)
+        if region_boxes_only:
+            full = model.encode_images(b.images)[0][b.image_index]
+        else:
+            region, region_mask, full = model.encode_regions(b.images, b.image_index, b.region_mask)
         text = model.encode_text(b.text_ids, b.text_mask)  # once, for the aligning and the box losses
-        grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid, same_caption_matches=same,
-                                text=text)
-        losses.update({f"region_{k}": v for k, v in grain.items()})
+        if not region_boxes_only:
+            grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid,
+                                    same_caption_matches=same, text=text)
+            losses.update({f"region_{k}": v for k, v in grain.items()})
         boxes = model.predict_boxes(full, text, b.text_mask)
         not_box = b.is_image.float() + (~b.valid).float()
         losses["region_bbox"], losses["region_giou"] = O.box_losses(boxes, b.target_boxes, is_image=not_box.clamp(max=1))
@@ -265,7 +281,9 @@ class PretrainObjective(torch.nn.Module):
         self.same_caption_matches = same_caption_matches
 
     def forward(self, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool):
-        losses = step_losses(self.model, batches, generator, compute_itm, self.same_caption_matches)
+        regions = self.sources.get("regions")
+        losses = step_losses(self.model, batches, generator, compute_itm, self.same_caption_matches,
+                             region_boxes_only=regions is not None and regions.boxes_only)
         return weighted_total(losses, self.sources), losses
 
 
@@ -307,6 +325,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         O.check_parallel_text_model(model)
     model.to(dist_info.device)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.freeze:
+        model.freeze(cfg.freeze, memoize=cfg.memoize_frozen)
     tokenizer = load_tokenizer(model.cfg.tokenizer)
     start_step, data_states, rng, state = 0, {}, None, None
     resume_dir = Path(resume) if resume else latest_checkpoint(out_dir)
@@ -338,7 +358,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="pretrain", disable=not dist_info.is_main)
     if rng is not None:
         set_rng_state(rng)  # last, so that nothing above draws from the restored streams
-    frozen = text_tower_parameters(model) if cfg.text_tower_frozen_steps else []
+    # (a text tower frozen for the whole run by ``freeze`` stays so: text_tower_frozen_steps does not apply)
+    frozen = text_tower_parameters(model) if cfg.text_tower_frozen_steps and "text" not in cfg.freeze else []
     window_start, window_steps = time.perf_counter(), 0
     for step in progress:
         with torch.no_grad():
