@@ -101,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """World -> two-stage pre-training -> every task, pre-trained and from scratch -> table and report."""
+    """World -> three-stage pre-training -> every task, pre-trained and from scratch -> table and report."""
     from x2vlm.demo import DemoSettings, run_demo
 
     from x2vlm.demo.run import MultilingualBudget

@@ -320,7 +320,7 @@ Machine: {machine_description()}. Code: {code_version()}. Total time of the stag
 ## Results
 
 Test split of each task, model selected on the validation split; percent. Columns: fine-tuned from
-the two-stage pre-trained model, fine-tuned from a random initialisation with the same budget, and
+the three-stage pre-trained model, fine-tuned from a random initialisation with the same budget, and
 the chance level (the best input-blind predictor: a random ranking for retrieval, the most common
 training answer / label / caption, the mean training box). The last column is the pre-trained model's
 margin over the one from scratch.
