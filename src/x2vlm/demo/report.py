@@ -283,7 +283,8 @@ def write_report(settings, stages: dict[str, dict[str, Any]], tasks: list[dict[s
         terminal += "\n\nablation: pre-training without region-text data and box losses\n" + text_table(abl_head, abl)
         ablation_md = ("\n## Ablation: pre-training without regions and boxes\n\n"
                        "Stage 2 repeated from the same stage 1 without the region-text source (so without region "
-                       "ITC/ITM/MLM and the box L1 + GIoU losses), then the same fine-tunings:\n\n"
+                       "ITC/ITM/MLM and the box L1 + GIoU losses) and without the localization stage 3, then the same "
+                       "fine-tunings:\n\n"
                        + markdown_table(abl_head, abl) + "\n")
 
     figures = []
