@@ -209,9 +209,10 @@ class X2VLM(nn.Module):
         return (states, per_layer) if output_hidden_states else states
 
     def _memoized_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(dim=1).tolist()
-        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) < mask.sum(1, keepdim=True))).all()):
+        counts = mask.sum(dim=1, keepdim=True)
+        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) < counts)).all()):
             raise ValueError("memoized text tower: masks must be right-padded (ones, then zeros)")
+        lengths = counts.flatten().tolist()
         rows = [ids[:n] for ids, n in zip(input_ids, lengths)]
 
         def compute(index: list[int]) -> list[torch.Tensor]:
