@@ -27,6 +27,13 @@ from x2vlm.models.layers import build_mlp
 TOWERS = ("vision", "text")  # what ``X2VLM.freeze`` can freeze
 
 
+def check_towers(towers, where: str) -> None:
+    """A run config's ``freeze`` list: an unknown tower is an error naming the config."""
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown:
+        raise ValueError(f"{where}: freeze: unknown tower(s) {unknown}; towers: {', '.join(TOWERS)}")
+
+
 class X2VLM(nn.Module):
     def __init__(self, cfg: X2VLMConfig):
         super().__init__()

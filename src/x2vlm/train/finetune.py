@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from x2vlm.checkpoint import from_pretrained, save_pretrained
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, preset
-from x2vlm.models.x2vlm import TOWERS, X2VLM
+from x2vlm.models.x2vlm import X2VLM, check_towers
 from x2vlm.tasks.common import EvalContext, FinetuneTask
 from x2vlm.tokenizer import Tokenizer, model_tokenizer
 from x2vlm.train.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -100,9 +100,7 @@ def build_finetune_config(data: Any, where: str) -> FinetuneConfig:
     cfg = dataclass_from_mapping(FinetuneConfig, data, where, _SECTIONS)
     if cfg.task not in TASK_MODULES:
         raise ValueError(f"{where}: task {cfg.task!r} unknown; known: {', '.join(TASK_MODULES)}")
-    unknown = [t for t in cfg.freeze if t not in TOWERS]
-    if unknown:
-        raise ValueError(f"{where}: freeze: unknown tower(s) {unknown}; towers: {', '.join(TOWERS)}")
+    check_towers(cfg.freeze, where)
     return cfg
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from x2vlm import objectives as O
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
-from x2vlm.models.x2vlm import TOWERS, X2VLM
+from x2vlm.models.x2vlm import X2VLM, check_towers
 from x2vlm.tokenizer import load_tokenizer
 from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
@@ -109,9 +109,7 @@ _SECTIONS = {**{name: _source_section(name) for name in SOURCE_KINDS}, "optimize
 def build_pretrain_config(data: Any, where: str) -> PretrainConfig:
     """PretrainConfig from a mapping; unknown keys anywhere are errors naming the key."""
     cfg = dataclass_from_mapping(PretrainConfig, data, where, _SECTIONS)
-    unknown = [t for t in cfg.freeze if t not in TOWERS]
-    if unknown:
-        raise ValueError(f"{where}: freeze: unknown tower(s) {unknown}; towers: {', '.join(TOWERS)}")
+    check_towers(cfg.freeze, where)
     if cfg.freeze and cfg.parallel != "ddp":
         raise ValueError(f"{where}: freeze is supported with parallel: ddp, not {cfg.parallel}")
     return cfg
