@@ -143,6 +143,22 @@ def real_image_paths(images_dir: str | None, count: int, workdir: Path) -> tuple
     return paths[:count], what
 
 
+class CycledRows:
+    """The stored embeddings of the synthetic index: row ``i`` is real row ``i % n``, gathered when
+    indexed (``GalleryIndex.save`` reads them piece by piece), never held whole: 100,000 x-base rows
+    are 30 GB in bf16."""
+
+    def __init__(self, rows: torch.Tensor, items: int):
+        self.rows, self.dtype = rows, rows.dtype
+        self.shape = torch.Size((items, *rows.shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.rows[torch.as_tensor(index) % len(self.rows)]
+
+
 def fill_index(real: GalleryIndex, items: int, noise: float, seed: int) -> GalleryIndex:
     """``items`` entries cycling over the real ones: their sources (and stored embeddings, if any),
     their features plus noise (renormalised)."""
@@ -155,7 +171,7 @@ def fill_index(real: GalleryIndex, items: int, noise: float, seed: int) -> Galle
     stored = real.vision_embeds is not None
     index = GalleryIndex(real.kind, list(range(items)), features, [real.sources[i] for i in which.tolist()],
                          real.fingerprint, real.max_tokens, real.frame_len,
-                         real.vision_embeds[which] if stored else None, real.vision_mask[which] if stored else None)
+                         CycledRows(real.vision_embeds, items) if stored else None, real.vision_mask[which] if stored else None)
     index.check("synthetic gallery index")
     return index
 
@@ -231,7 +247,8 @@ def main() -> None:
     parser.add_argument("--keep-embeddings", default="no", choices=("no", "fp32", "bf16"),
                         help="store the vision embeddings in the index (Model.index(keep_embeddings=True, embeddings_dtype=...)): "
                              "queries read their candidates' rows instead of encoding the files; the index then holds "
-                             "(1 + grid^2) x width values per item (x2vlm-base in bf16: 0.3 MB, so mind --items)")
+                             "(1 + grid^2) x width values per item (x2vlm-base in bf16: 0.3 MB, 30 GB for 100,000 items: "
+                             "written to disk piece by piece, so mind the disk, not the memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", help="keep the world, models and indexes here (default: a temporary directory)")
     args = parser.parse_args()

@@ -410,6 +410,36 @@ def test_retrieve_equals_the_two_stage_evaluation(models, images, retrieval_eval
         GalleryIndex.load(tmp_path)
 
 
+def test_an_index_streamed_to_disk_piece_by_piece_equals_the_one_built_in_memory(models, images, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from x2vlm import inference
+
+    monkeypatch.setattr(inference, "INDEX_CHUNK", 4)  # 6 images: pieces of 4 and 2
+    model, paths, texts = models["retrieval"], image_paths(images), raw_texts()
+    built = model.index([Image.open(p) for p in paths], kind="images", embeddings_dtype="bf16")
+    streamed = model.index([Image.open(p) for p in paths], kind="images", embeddings_dtype="bf16", out=tmp_path / "streamed")
+    assert isinstance(streamed.vision_embeds, StoredRows) and streamed.ids == built.ids
+    stored = load_file(str(tmp_path / "streamed" / inference.INDEX_TENSORS))  # a valid safetensors file
+    assert stored.keys() == {"features", "vision_embeds", "vision_mask"}
+    assert torch.equal(stored["features"], built.features) and torch.equal(stored["vision_embeds"], built.vision_embeds)
+    assert torch.equal(stored["vision_mask"], built.vision_mask)
+    assert model.retrieve(texts, streamed, k=3) == model.retrieve(texts, built, k=3)
+    # saving a lazily loaded index copies its stored rows piece by piece
+    again = GalleryIndex.load(streamed.save(tmp_path / "again"), lazy=False)
+    assert torch.equal(again.vision_embeds, built.vision_embeds) and torch.equal(again.features, built.features)
+    text_index = model.index(texts, kind="texts", out=tmp_path / "texts")
+    assert text_index.sources == texts and torch.equal(text_index.features, model.index(texts, kind="texts").features)
+    # the writer refuses pieces that do not add up to the rows it announced
+    rows = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="2 rows written, 3 announced"):
+        inference.write_rows_safetensors(tmp_path / "short.safetensors", 3, [{"x": rows[:2]}])
+    with pytest.raises(ValueError, match="more than the 3 rows announced"):
+        inference.write_rows_safetensors(tmp_path / "long.safetensors", 3, [{"x": rows}, {"x": rows[:1]}])
+    with pytest.raises(ValueError, match="x piece torch.float64"):
+        inference.write_rows_safetensors(tmp_path / "mixed.safetensors", 3, [{"x": rows[:1]}, {"x": rows[1:].double()}])
+
+
 def test_videos_are_sampled_as_the_evaluation_samples_them(models, videos):
     model = models["retrieval"]
     files = [videos / "clip_a.mp4", videos / "clip_b.mp4"]

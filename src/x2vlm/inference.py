@@ -7,6 +7,7 @@
     model.caption(["a.png", "b.png"], beams=3)                   # -> ["a red circle ...", "..."]
     model.match(images, texts)                                   # -> {"itm": (I, T), "itc": (I, T)} numpy arrays
     index = model.index(paths, kind="images"); index.save("gallery")
+    model.index(paths, kind="images", keep_embeddings=True, out="gallery")  # streamed to disk, any size
     model.retrieve("a red circle", GalleryIndex.load("gallery"), k=5)   # -> [Hit(index, id, itc, itm), ...]
 
 **Inputs.** An image is a PIL image, a path, the bytes of an image file or a ``uint8`` numpy array
@@ -58,7 +59,8 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from tqdm import tqdm
 
 from x2vlm.checkpoint import _atomic_write, from_pretrained, infer_config, load_official, read_state_dict, resolve_trained_model_dir
 from x2vlm.config import preset
@@ -95,6 +97,7 @@ INDEX_FORMAT = "x2vlm-gallery-index"
 INDEX_VERSION = 1
 INDEX_JSON, INDEX_TENSORS = "index.json", "index.safetensors"
 INDEX_KINDS = ("images", "videos", "texts")
+INDEX_CHUNK = 1024  # items per piece when an index is written to disk (one piece in memory at a time)
 DTYPES = {None: "fp32", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
 IMAGE_TYPES = "a PIL image, a path, image-file bytes or a uint8 (H, W, 3) numpy array"
 VIDEO_TYPES = "a video file path, a list of frames (PIL images or uint8 arrays) or a uint8 (F, H, W, 3) array"
@@ -369,18 +372,23 @@ class GalleryIndex:
         return len(self.ids)
 
     def save(self, path: str | Path) -> Path:
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"features": self.features.contiguous().cpu()}
-        if self.vision_embeds is not None:
-            embeds = self.vision_embeds.load() if isinstance(self.vision_embeds, StoredRows) else self.vision_embeds
-            tensors["vision_embeds"] = embeds.contiguous().cpu()
-            tensors["vision_mask"] = self.vision_mask.contiguous().cpu()
-        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": self.kind, "fingerprint": self.fingerprint,
-                "max_tokens": self.max_tokens, "frame_len": self.frame_len, "ids": self.ids, "sources": self.sources}
-        _atomic_write(directory / INDEX_TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(directory / INDEX_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
-        return directory
+        """Write ``index.safetensors`` and ``index.json`` into the directory ``path`` (each file
+        atomically), ``INDEX_CHUNK`` items at a time: stored embeddings read lazily (``StoredRows``)
+        are copied piece by piece, never held whole."""
+
+        def pieces() -> Iterator[dict[str, torch.Tensor]]:
+            for start in range(0, max(len(self), 1), INDEX_CHUNK):
+                rows = torch.arange(start, min(start + INDEX_CHUNK, len(self)))
+                piece = {"features": self.features[rows]}
+                if self.vision_embeds is not None:
+                    piece["vision_embeds"] = self.vision_embeds[rows]
+                    piece["vision_mask"] = self.vision_mask[rows]
+                yield piece
+
+        return write_gallery_index(path, self._meta(), pieces())
+
+    def _meta(self) -> dict[str, Any]:
+        return index_meta(self.kind, self.ids, self.sources, self.fingerprint, self.max_tokens, self.frame_len)
 
     @classmethod
     def load(cls, path: str | Path, lazy: bool = True) -> GalleryIndex:
@@ -417,6 +425,76 @@ class GalleryIndex:
             raise ValueError(f"{where}: vision_embeds {tuple(self.vision_embeds.shape)} for {n} items")
         if self.vision_embeds is None and any(s is None for s in self.sources):
             raise ValueError(f"{where}: items without a source need stored vision embeddings")
+
+
+def index_meta(kind: str, ids: list, sources: list[str | None], fingerprint: str, max_tokens: int, frame_len: int) -> dict[str, Any]:
+    """What ``index.json`` holds."""
+    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": kind, "fingerprint": fingerprint,
+            "max_tokens": max_tokens, "frame_len": frame_len, "ids": ids, "sources": sources}
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_rows_safetensors(path: str | Path, rows: int, pieces: Iterable[dict[str, torch.Tensor]],
+                           metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of tensors that all have ``rows`` rows, written piece by piece: ``pieces``
+    yields, in row order, dicts name -> the next rows of every tensor (the same names each time).
+    The header comes from the first piece (names, dtypes, row shapes); each piece is written at its
+    place in the file and dropped, so a file far larger than the memory can be written."""
+    pieces = iter(pieces)
+    first = next(pieces, None)
+    if first is None:
+        raise ValueError(f"{path}: no rows to write")
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    places, offset = {}, 0
+    for name, tensor in first.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{path}: {name} has dtype {tensor.dtype}, not one of {sorted(map(str, SAFETENSORS_DTYPES))}")
+        row_shape = tuple(tensor.shape[1:])
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": [rows, *row_shape],
+                        "data_offsets": [offset, offset + rows * row_bytes]}
+        places[name] = (offset, row_bytes, tensor.dtype, row_shape)
+        offset += rows * row_bytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    done = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        start = f.tell()
+        f.truncate(start + offset)
+        for piece in itertools.chain([first], pieces):
+            if piece.keys() != places.keys():
+                raise ValueError(f"{path}: a piece holds {sorted(piece)}, the first held {sorted(places)}")
+            count = {len(t) for t in piece.values()}
+            if len(count) != 1:
+                raise ValueError(f"{path}: a piece's tensors have different numbers of rows ({sorted(count)})")
+            count = count.pop()
+            if done + count > rows:
+                raise ValueError(f"{path}: more than the {rows} rows announced")
+            for name, tensor in piece.items():
+                place, row_bytes, dtype, row_shape = places[name]
+                if tensor.dtype != dtype or tuple(tensor.shape[1:]) != row_shape:
+                    raise ValueError(f"{path}: {name} piece {tensor.dtype} {tuple(tensor.shape)}, the first was {dtype} rows of {row_shape}")
+                f.seek(start + place + done * row_bytes)
+                f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            done += count
+    if done != rows:
+        raise ValueError(f"{path}: {done} rows written, {rows} announced")
+
+
+def write_gallery_index(path: str | Path, meta: dict[str, Any], pieces: Iterable[dict[str, torch.Tensor]]) -> Path:
+    """The directory ``path`` with ``index.safetensors`` (``pieces``: the items' ``features`` and, if
+    kept, ``vision_embeds`` / ``vision_mask``, in item order) and ``index.json`` (``meta``, with one
+    id per item), each written atomically; what ``GalleryIndex.save`` and ``Model.index(out=...)`` use."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = len(meta["ids"])
+    _atomic_write(directory / INDEX_TENSORS, lambda tmp: write_rows_safetensors(tmp, rows, pieces, {"format": "pt"}))
+    _atomic_write(directory / INDEX_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta) + "\n"))
+    return directory
 
 
 def model_fingerprint(model: X2VLM) -> str:
@@ -811,14 +889,19 @@ class Model:
         return {"itm": _scalar_or_numpy(itm), "itc": _scalar_or_numpy(itc)}
 
     def index(self, items, kind: str, ids: Sequence | None = None, keep_embeddings: bool | None = None,
-              embeddings_dtype: str | torch.dtype = "fp32") -> GalleryIndex:
+              embeddings_dtype: str | torch.dtype = "fp32", out: str | Path | None = None) -> GalleryIndex:
         """Embed a gallery once: ``kind`` 'images', 'videos' or 'texts'; ``ids`` (JSON strings or
         integers, unique; default 0..N-1). For images and videos the ITM re-ranking needs their
         embeddings: kept in the index with ``keep_embeddings=True`` (fast queries: no candidate is
         encoded again; ``(1 + grid^2) x width`` values per item, 4 bytes each, or 2 with
         ``embeddings_dtype='bf16'``, whose ITM scores then differ from fp32 by bfloat16 rounding),
         else encoded again for the candidates of each query from the stored paths (the default when
-        every item is a file path)."""
+        every item is a file path).
+
+        ``out``: a directory to save the index in (as ``GalleryIndex.save``), returned loaded from
+        there (``GalleryIndex.load``: stored embeddings stay in the file). The items are encoded and
+        written ``INDEX_CHUNK`` at a time, so the embeddings of a gallery larger than the memory
+        (100,000 x-base images are 30 GB in bf16) never need to fit in it."""
         self._require_heads("index()", ("itc", "itm"), "a model with ITC and ITM heads (task 'retrieval' or 'pretrain')")
         if kind not in INDEX_KINDS:
             raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
@@ -827,7 +910,8 @@ class Model:
             texts, _ = _text_batch(items)
             ids_, mask = self._caption_tokens(texts, max_tokens)
             _, features = self._encode_texts(ids_, mask)
-            return GalleryIndex(kind, _gallery_ids(ids, len(texts)), features.float().cpu(), texts, self.fingerprint, max_tokens)
+            index = GalleryIndex(kind, _gallery_ids(ids, len(texts)), features.float().cpu(), texts, self.fingerprint, max_tokens)
+            return index if out is None else GalleryIndex.load(index.save(out))
         frame_len = 0
         if kind == "videos":
             self._require_video("index(kind='videos')")
@@ -843,9 +927,25 @@ class Model:
                              "lists cannot be read again for re-ranking")
         stored_dtype = torch.float32 if resolve_dtype(embeddings_dtype, torch.device("cpu")) == "fp32" else torch.bfloat16
         gallery_ids = _gallery_ids(ids, len(gallery))
-        features, embeds, masks = self._encode_vision(gallery, frame_len, keep_embeds=keep_embeddings)
-        return GalleryIndex(kind, gallery_ids, features.float().cpu(), sources, self.fingerprint, max_tokens, frame_len,
-                            embeds.to(stored_dtype).cpu() if keep_embeddings else None, masks.cpu() if keep_embeddings else None)
+
+        def pieces() -> Iterator[dict[str, torch.Tensor]]:
+            starts = range(0, len(gallery), INDEX_CHUNK)
+            for start in tqdm(starts, desc=f"index {kind}", unit="piece", disable=len(starts) <= 1):
+                features, embeds, masks = self._encode_vision(gallery[start : start + INDEX_CHUNK], frame_len, keep_embeds=keep_embeddings)
+                piece = {"features": features.float().cpu()}
+                if keep_embeddings:
+                    piece.update(vision_embeds=embeds.to(stored_dtype).cpu(), vision_mask=masks.cpu())
+                yield piece
+
+        if out is not None:
+            meta = index_meta(kind, gallery_ids, sources, self.fingerprint, max_tokens, frame_len)
+            return GalleryIndex.load(write_gallery_index(out, meta, pieces()))
+        parts = list(pieces())
+        features = torch.cat([piece["features"] for piece in parts])
+        if not keep_embeddings:
+            return GalleryIndex(kind, gallery_ids, features, sources, self.fingerprint, max_tokens, frame_len)
+        return GalleryIndex(kind, gallery_ids, features, sources, self.fingerprint, max_tokens, frame_len,
+                            torch.cat([piece["vision_embeds"] for piece in parts]), torch.cat([piece["vision_mask"] for piece in parts]))
 
     def retrieve(self, query, gallery, k: int = 10, k_test: int | None = None, kind: str | None = None
                  ) -> list[Hit] | list[list[Hit]]:
