@@ -430,6 +430,14 @@ def test_an_index_streamed_to_disk_piece_by_piece_equals_the_one_built_in_memory
     assert torch.equal(again.vision_embeds, built.vision_embeds) and torch.equal(again.features, built.features)
     text_index = model.index(texts, kind="texts", out=tmp_path / "texts")
     assert text_index.sources == texts and torch.equal(text_index.features, model.index(texts, kind="texts").features)
+    # the file is read with plain reads, never mapped whole; a cut or foreign file is named
+    tensors = tmp_path / "again" / inference.INDEX_TENSORS
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"index.safetensors: vision_(embeds|mask) ends early"):
+        GalleryIndex.load(tmp_path / "again").vision_embeds[torch.tensor([5])]
+    tensors.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        GalleryIndex.load(tmp_path / "again")
     # the writer refuses pieces that do not add up to the rows it announced
     rows = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="2 rows written, 3 announced"):

@@ -69,7 +69,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tqdm import tqdm
 
 from x2vlm.checkpoint import _atomic_write, from_pretrained, infer_config, load_official, read_state_dict, resolve_trained_model_dir
@@ -301,22 +300,54 @@ class Hit:
 
 
 # -- gallery index --------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file (name -> dtype, shape, data_offsets) and where its data
+    starts, read without mapping the file (a gallery index can be larger than the address space
+    the system lets a process map)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its header size)")
+        (size,) = struct.unpack("<Q", head)
+        if size > os.fstat(f.fileno()).st_size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header size {size} beyond the file's end)")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (header: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a mapping)")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 class StoredRows:
     """A tensor of a safetensors file read row by row when indexed (``rows[used]``), never whole: the
     vision embeddings of a loaded gallery index, which for a large gallery exceed the memory (100,000
     x-base images: 197 x 768 values each, 30 GB in bfloat16). Indexing with a 1-D tensor or list of
-    row numbers reads those rows (each run of consecutive rows in one read); ``load()`` reads all."""
+    row numbers reads those rows (each run of consecutive rows in one read, with plain file reads:
+    the file is never mapped); ``load()`` reads all."""
 
     def __init__(self, path: str | Path, name: str):
         self.path, self.name = str(path), name
-        with safe_open(self.path, framework="pt") as f:
-            view = f.get_slice(name)
-            self.shape = torch.Size(view.get_shape())
-            stored = view.get_dtype()
-        dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-        if stored not in dtypes:
-            raise ValueError(f"{self.path}: {name} stored as {stored}, not one of {sorted(dtypes)}")
-        self.dtype = dtypes[stored]
+        header, data_start = read_safetensors_header(self.path)
+        if name not in header:
+            raise ValueError(f"{self.path}: no tensor {name!r} (holds {sorted(header)})")
+        entry = header[name]
+        dtypes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+        if entry.get("dtype") not in dtypes:
+            raise ValueError(f"{self.path}: {name} stored as {entry.get('dtype')}, not one of {sorted(dtypes)}")
+        self.dtype = dtypes[entry["dtype"]]
+        self.shape = torch.Size(entry["shape"])
+        first, last = entry["data_offsets"]
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if last - first != self.shape[0] * self.row_bytes:
+            raise ValueError(f"{self.path}: {name} has {last - first} bytes for shape {tuple(self.shape)} of {self.dtype}")
+        self.offset = data_start + first
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -328,21 +359,29 @@ class StoredRows:
         order = torch.argsort(rows)
         wanted = rows[order].tolist()
         out = torch.empty((len(rows),) + tuple(self.shape[1:]), dtype=self.dtype)
-        with safe_open(self.path, framework="pt") as f:
-            view = f.get_slice(self.name)
+        with open(self.path, "rb") as f:
             start = 0
             while start < len(wanted):
                 end = start + 1
                 while end < len(wanted) and wanted[end] <= wanted[end - 1] + 1:
                     end += 1
-                block = view[wanted[start] : wanted[end - 1] + 1]  # one read for a run of rows
-                out[order[start:end]] = block[torch.tensor(wanted[start:end]) - wanted[start]]
+                first, last = wanted[start], wanted[end - 1]
+                block = self._read(f, first, last + 1)  # one read for a run of rows
+                out[order[start:end]] = block[torch.tensor(wanted[start:end]) - first]
                 start = end
         return out
 
+    def _read(self, f, first: int, stop: int) -> torch.Tensor:
+        block = torch.empty((stop - first,) + tuple(self.shape[1:]), dtype=self.dtype)
+        f.seek(self.offset + first * self.row_bytes)
+        view = block.view(-1).view(torch.uint8).numpy()
+        if f.readinto(view) != view.nbytes:
+            raise ValueError(f"{self.path}: {self.name} ends early (rows {first}-{stop - 1} of {self.shape[0]})")
+        return block
+
     def load(self) -> torch.Tensor:
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(self.name)
+        with open(self.path, "rb") as f:
+            return self._read(f, 0, self.shape[0])
 
 
 @dataclass
@@ -404,11 +443,9 @@ class GalleryIndex:
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError(f"{directory / INDEX_JSON}: not a version-{INDEX_VERSION} {INDEX_FORMAT} file")
         tensor_file = str(directory / INDEX_TENSORS)
-        with safe_open(tensor_file, framework="pt") as f:
-            names = set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names if name != "vision_embeds" or not lazy}
-        if lazy and "vision_embeds" in names:
-            tensors["vision_embeds"] = StoredRows(tensor_file, "vision_embeds")
+        names = read_safetensors_header(tensor_file)[0]
+        tensors: dict[str, Any] = {name: StoredRows(tensor_file, name) for name in names}
+        tensors = {name: rows if name == "vision_embeds" and lazy else rows.load() for name, rows in tensors.items()}
         index = cls(meta["kind"], meta["ids"], tensors["features"], meta["sources"], meta["fingerprint"], meta["max_tokens"],
                     meta["frame_len"], tensors.get("vision_embeds"), tensors.get("vision_mask"))
         index.check(str(directory))
@@ -431,10 +468,6 @@ def index_meta(kind: str, ids: list, sources: list[str | None], fingerprint: str
     """What ``index.json`` holds."""
     return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": kind, "fingerprint": fingerprint,
             "max_tokens": max_tokens, "frame_len": frame_len, "ids": ids, "sources": sources}
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def write_rows_safetensors(path: str | Path, rows: int, pieces: Iterable[dict[str, torch.Tensor]],
