@@ -57,6 +57,29 @@ def test_attention_function_paths_agree_with_gradients(bias_kind):
         torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=RTOL)
 
 
+def test_cpu_training_attention_keeps_bf16_where_the_fused_kernel_cannot_run(monkeypatch):
+    """Training on the CPU with dropout or a learnt bias: torch's fused kernels do neither and its
+    fallback would compute (and keep for backward) everything in fp32; ours stays in bf16 under
+    autocast. Inference and bias-free, dropout-free training still take the fused kernel."""
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g).requires_grad_() for _ in range(3))
+    table = (0.5 * torch.randn(1, 4, 9, 9, generator=g)).requires_grad_()
+    for bias, dropout_p in ((table, 0.0), (None, 0.1)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, probs = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias, dropout_p=dropout_p)
+        assert probs is None and out.dtype == torch.bfloat16 and torch.float32 not in saved and not calls
+        out.float().sum().backward()
+    attention(q, k, v, table.detach())  # a fixed bias (masks): fused
+    with torch.no_grad():
+        attention(q, k, v, table, dropout_p=0.1)  # inference: fused (dropout_p is the caller's: 0 in eval)
+    assert len(calls) == 2
+
+
 def test_vision_trunk_fused_equals_explicit_with_relative_position_bias(tiny_state):
     """``output_attentions=True`` takes the explicit path in every block; the relative position bias
     tables are learnt, so their gradients are compared too."""

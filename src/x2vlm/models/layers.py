@@ -19,7 +19,10 @@ def attention(
 
     ``bias`` broadcasts to (B, heads, Lq, Lk) and carries masks and relative-position terms. The fast
     path is ``scaled_dot_product_attention``; ``return_probs`` takes the explicit path so the
-    probabilities can be inspected (parity tests, visualisation).
+    probabilities can be inspected (parity tests, visualisation). So does CPU training with attention
+    dropout or a bias that needs a gradient (BEiT's relative positions): torch's fused CPU kernels do
+    neither, and its fallback upcasts bf16 inputs to fp32 (slower, and twice the memory saved for
+    backward); the explicit path keeps the inputs' dtype, as autocast runs it.
     """
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -29,7 +32,8 @@ def attention(
         batch, heads, length, width = q.shape
         out, _ = attention(q.transpose(0, 1).reshape(1, heads, batch * length, width), k, v, bias, dropout_p)
         return out.view(heads, batch, length, width).transpose(0, 1), None
-    if not return_probs:
+    unfused = q.device.type == "cpu" and torch.is_grad_enabled() and (dropout_p > 0 or (bias is not None and bias.requires_grad))
+    if not return_probs and not unfused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         return out, None
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
@@ -37,7 +41,7 @@ def attention(
         scores = scores + bias
     probs = scores.softmax(dim=-1)
     out = F.dropout(probs, dropout_p) @ v
-    return out, probs
+    return out, probs if return_probs else None
 
 
 class DropPath(nn.Module):
