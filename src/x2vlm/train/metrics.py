@@ -5,7 +5,9 @@ source commit)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
 import json
 import logging
 import platform
@@ -136,9 +138,19 @@ class Spread:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
+def release_free_memory() -> None:
+    """Hand the C allocator's free heap memory back to the system (glibc ``malloc_trim``; nothing
+    elsewhere): memory freed by earlier work otherwise stays resident and counts in the next peak."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak_rss() -> bool:
-    """Start a new peak-resident-memory window for ``peak_rss`` (Linux ``clear_refs`` 5); False
-    where that is not possible (then ``peak_rss`` is the peak since the process started)."""
+    """Start a new peak-resident-memory window for ``peak_rss`` (Linux ``clear_refs`` 5), after
+    ``release_free_memory``; False where that is not possible (then ``peak_rss`` is the peak since
+    the process started)."""
+    release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
