@@ -108,6 +108,8 @@ def dirs(tmp_path_factory, tiny_state) -> dict[str, Path]:
     torch.manual_seed(0)
     video_qa = X2VLM(preset("x2vlm-tiny", task="classification", num_labels=len(LABELS)))
     load_official(video_qa, tiny_state)  # a fresh classifier on the tiny encoders
+    nlvr = X2VLM(preset("x2vlm-tiny", task="nlvr"))
+    load_official(nlvr, tiny_state)  # a fresh head on the tiny encoders
     return {
         "vqa": save_dir(build_tiny("vqa", tiny_state), root / "vqa", {"answer_list.json": ANSWERS, "inference.json": VQA_SETTINGS}),
         "grounding": save_dir(build_tiny("grounding", tiny_state), root / "grounding",
@@ -117,6 +119,7 @@ def dirs(tmp_path_factory, tiny_state) -> dict[str, Path]:
         "retrieval": save_dir(build_tiny("retrieval", tiny_state), root / "retrieval",
                               {"inference.json": {"task": "retrieval", "max_tokens": 30, "k_test": 3, "video": False}}),
         "pretrain": save_dir(build_tiny("pretrain", tiny_state), root / "pretrain"),
+        "nlvr": save_dir(nlvr.eval(), root / "nlvr", {"inference.json": {"task": "nlvr", "max_tokens": 12, "max_words": 8}}),
         "video_qa": save_dir(video_qa.eval(), root / "video_qa",
                              {"ans2label.json": {a: i for i, a in enumerate(LABELS)}, "inference.json": {"task": "video_qa", "max_tokens": 16}}),
     }
@@ -446,6 +449,34 @@ def test_an_index_streamed_to_disk_piece_by_piece_equals_the_one_built_in_memory
         inference.write_rows_safetensors(tmp_path / "long.safetensors", 3, [{"x": rows}, {"x": rows[:1]}])
     with pytest.raises(ValueError, match="x piece torch.float64"):
         inference.write_rows_safetensors(tmp_path / "mixed.safetensors", 3, [{"x": rows[:1]}, {"x": rows[1:].double()}])
+
+
+def test_verify_judges_statements_as_the_nlvr_evaluation(models, images, tmp_path):
+    from x2vlm.tasks.nlvr import load_nlvr_file, predict_nlvr
+
+    model, paths = models["nlvr"], image_paths(images)
+    statements = ["both images contain a red dog", "the left image has more people than the right image",
+                  "there are two white cats in total", "exactly one image shows a man sitting at a table on the left"]
+    pairs = [(0, 1), (2, 3), (4, 5), (1, 4)]
+    records = [{"images": [paths[a].name, paths[b].name], "sentence": t, "label": "True"} for (a, b), t in zip(pairs, statements)]
+    (tmp_path / "nlvr.json").write_text(json.dumps(records))
+    items = load_nlvr_file(tmp_path / "nlvr.json", max_words=8)  # the saved max_words: the last statement is cut
+    with torch.no_grad():
+        expected = predict_nlvr(model.model, items, range(len(items)), str(images), model.tokenizer, model.cfg.image_res,
+                                12, "test")
+        logits = model.model.nlvr_logits(*(R.FileVision([str(paths[p[side]]) for p in pairs], model.cfg.image_res).load(range(4))
+                                           for side in (0, 1)), *model.tokenizer([it.text for it in items], max_length=12))
+    verdicts = model.verify([paths[a] for a, _ in pairs], [paths[b] for _, b in pairs], statements)
+    assert [v.true for v in verdicts] == [bool(p) for p in expected]
+    assert [v.probability for v in verdicts] == pytest.approx(logits.softmax(dim=-1)[:, 1].tolist(), abs=1e-5)
+    single = model.verify(Image.open(paths[2]), np.asarray(Image.open(paths[3])), statements[1])  # any image input
+    assert single.true == verdicts[1].true and single.probability == pytest.approx(verdicts[1].probability, abs=1e-5)
+    both = model.verify(paths[0], paths[1], statements[:2])  # one pair, several statements
+    assert both[0].to_dict() == pytest.approx(verdicts[0].to_dict(), abs=1e-5)
+    with pytest.raises(ValueError, match="2 left and 1 right images"):
+        model.verify(paths[:2], paths[:1], statements[0])
+    with pytest.raises(TaskMismatchError, match=r"verify\(\) needs an NLVR2 model .*'vqa' model"):
+        models["vqa"].verify(paths[0], paths[1], statements[0])
 
 
 def test_videos_are_sampled_as_the_evaluation_samples_them(models, videos):

@@ -87,6 +87,8 @@ def test_build_task_reads_files_and_rejects_bad_configuration(world, tokenizer, 
     cfg = preset("x2vlm-tiny")
     task = N.build_task(world_data(world), cfg, tokenizer, "data")
     assert task.model_task == "nlvr" and task.eval_splits == ["val", "test"] and task.selection_metric == "acc"
+    # what inference reads beside the selected weights (Model.verify): the evaluation's token limits
+    assert task.inference_files == {"inference.json": {"task": "nlvr", "max_tokens": world_data(world)["max_tokens"], "max_words": 30}}
     raw = json.loads((world / "nlvr2/nlvr_train.json").read_text())
     assert [it.label for it in task.train_set.items] == [int(r["label"] == "True") for r in raw]
     two = N.build_task(world_data(world, train_file=[world_data(world)["train_file"]] * 2), cfg, tokenizer, "data")

@@ -52,6 +52,14 @@ def test_vqa_prints_the_answer_and_draws_it(dirs, models, images, capsys, tmp_pa
     assert len(run(capsys, "vqa", "--model", str(dirs["vqa"]), "--image", str(path), "--question", "is it red")["top"]) == 5  # k_test 5
 
 
+def test_verify_prints_the_verdict(dirs, models, images, capsys):
+    left, right = (str(p) for p in image_paths(images)[:2])
+    out = run(capsys, "verify", "--model", str(dirs["nlvr"]), "--left", left, "--right", right, "--statement", "both images contain a dog")
+    expected = models["nlvr"].verify(left, right, "both images contain a dog")
+    assert out["true"] == expected.true and out["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert (out["left"], out["right"], out["statement"]) == (left, right, "both images contain a dog")
+
+
 def test_video_qa_through_vqa(dirs, models, videos, capsys):
     clip = videos / "clip_a.mp4"
     out = run(capsys, "vqa", "--model", str(dirs["video_qa"]), "--video", str(clip), "--question", "what color is the dog")

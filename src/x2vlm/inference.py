@@ -6,6 +6,7 @@
     model.ground(image, "the red circle on the left")            # -> [x, y, w, h] in pixels of the image
     model.caption(["a.png", "b.png"], beams=3)                   # -> ["a red circle ...", "..."]
     model.match(images, texts)                                   # -> {"itm": (I, T), "itc": (I, T)} numpy arrays
+    model.verify("left.png", "right.png", "both images contain a dog")  # NLVR2 -> Verdict(true=..., probability=...)
     index = model.index(paths, kind="images"); index.save("gallery")
     model.index(paths, kind="images", keep_embeddings=True, out="gallery")  # streamed to disk, any size
     model.retrieve("a red circle", GalleryIndex.load("gallery"), k=5)   # -> [Hit(index, id, itc, itm), ...]
@@ -81,6 +82,7 @@ from x2vlm.generation import CaptionSettings, rank_answers
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.tasks import captioning as captioning_task
 from x2vlm.tasks import grounding as grounding_task
+from x2vlm.tasks import nlvr as nlvr_task
 from x2vlm.tasks import retrieval as retrieval_task
 from x2vlm.tasks import video_qa as video_qa_task
 from x2vlm.tasks import vqa as vqa_task
@@ -283,6 +285,18 @@ class Answer:
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.answer, "probability": self.probability,
                 "top": [{"answer": a, "probability": p} for a, p in self.top]}
+
+
+@dataclass
+class Verdict:
+    """Whether a statement is true of an image pair (NLVR2): the evaluation's argmax, and the
+    softmax probability of "true"."""
+
+    true: bool
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -664,6 +678,39 @@ class Model:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
+
+    # -- NLVR2 ---------------------------------------------------------------------------------------
+    def nlvr_settings(self) -> tuple[int, int]:
+        """The NLVR2 evaluation's ``max_tokens`` and ``max_words`` (saved ones, else the task's defaults)."""
+        saved = self._saved("max_tokens", "max_words")
+        return saved.get("max_tokens", nlvr_task.DEFAULT_MAX_TOKENS), saved.get("max_words", nlvr_task.DEFAULT_MAX_WORDS)
+
+    def verify(self, left, right, statement) -> Verdict | list[Verdict]:
+        """Is a statement true of a pair of images (an NLVR2 model, task 'nlvr')? ``left`` and
+        ``right``: one image each, or equally long lists (pair k = ``left[k]``, ``right[k]``);
+        ``statement``: one for every pair, or one per pair (a single pair may take several). As the
+        evaluation: test transform, ``pre_caption`` and the saved token limits, ``nlvr_logits``
+        (both images' fused CLS vectors into the head), true where the "true" logit is the larger."""
+        if self.task != "nlvr":
+            raise self._mismatch("verify()", "an NLVR2 model (task 'nlvr')")
+        lefts, single_left = _image_batch(left, "left image")
+        rights, single_right = _image_batch(right, "right image")
+        if single_left != single_right or len(lefts) != len(rights):
+            raise ValueError(f"{len(lefts)} left and {len(rights)} right images: give one of each or equally long lists")
+        statements, single_statement = _text_batch(statement, "statement")
+        pair_index = _broadcast(len(lefts), single_left, statements, single_statement, "image pair")
+        max_tokens, max_words = self.nlvr_settings()
+        ids, mask = self.tokenizer(_clean_captions(statements, max_words, "statement"), max_length=max_tokens)
+        probabilities = []
+        for rows in self._batches(len(statements)):
+            pairs = [pair_index[r] for r in rows]
+            with torch.no_grad(), self._autocast():
+                logits = self.model.nlvr_logits(self._pixels(lefts, pairs), self._pixels(rights, pairs),
+                                                ids[rows.start : rows.stop].to(self.device), mask[rows.start : rows.stop].to(self.device))
+            probabilities.append(logits.float().softmax(dim=-1).cpu())
+        probs = torch.cat(probabilities)
+        verdicts = [Verdict(bool(p.argmax() == 1), float(p[1])) for p in probs]
+        return verdicts[0] if single_left and single_statement else verdicts
 
     # -- VQA / video QA ------------------------------------------------------------------------------
     def answer(self, image, question, top_k: int = 1, answers: Sequence[str] | None = None,

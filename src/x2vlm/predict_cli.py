@@ -76,6 +76,15 @@ def add_predict_command(sub) -> None:
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the caption drawn on it")
     p.set_defaults(func=cmd_caption)
 
+    p = tasks.add_parser("verify", help="is a statement true of a pair of images (NLVR2 model)",
+                         description="Judge a statement about two images as the NLVR2 evaluation does (true / false and "
+                                     "the probability of true).")
+    common(p)
+    p.add_argument("--left", required=True, metavar="IMG", help="the left image")
+    p.add_argument("--right", required=True, metavar="IMG", help="the right image")
+    p.add_argument("--statement", required=True, metavar="TEXT")
+    p.set_defaults(func=cmd_verify)
+
     p = tasks.add_parser("match", help="ITM and ITC scores of every image with every text",
                          description="Image-text scores as the retrieval evaluation computes them: 'itm' the ITM match "
                                      "logit, 'itc' the cosine similarity of the contrastive features; matrices "
@@ -163,6 +172,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.draw:
         document["drawn"] = _save(draw_on_image(args.image, [caption]), args.draw)
     return _print(document)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    verdict = _load(args).verify(args.left, args.right, args.statement)
+    return _print({"left": args.left, "right": args.right, "statement": args.statement, **verdict.to_dict()})
 
 
 def cmd_match(args: argparse.Namespace) -> int:

@@ -102,7 +102,10 @@ class NLVRItem:
     label: int  # 1 = true
 
 
-def load_nlvr_file(path: str | Path, max_words: int = 30) -> list[NLVRItem]:
+DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORDS = 40, 30  # the data section's max_tokens / max_words when absent
+
+
+def load_nlvr_file(path: str | Path, max_words: int = DEFAULT_MAX_WORDS) -> list[NLVRItem]:
     items = []
     for k, ex in enumerate(read_nlvr2(path)):
         try:
@@ -209,8 +212,8 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
     if not isinstance(eval_files, dict) or not eval_files:
         raise ValueError(f"{where}: 'eval_files' must map split names to files, the validation split first")
     image_root = data.get("image_root")
-    max_tokens = positive_int_key(data, "max_tokens", 40, where)
-    max_words = positive_int_key(data, "max_words", 30, where)
+    max_tokens = positive_int_key(data, "max_tokens", DEFAULT_MAX_TOKENS, where)
+    max_words = positive_int_key(data, "max_words", DEFAULT_MAX_WORDS, where)
     transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where),
                                        randaug=bool_key(data, "randaug", True, where), hflip=bool_key(data, "hflip", True, where))
     careful_hflip = bool_key(data, "careful_hflip", False, where)
@@ -243,6 +246,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         evaluate=evaluate,
         eval_splits=list(eval_sets),
         selection_metric="acc",
+        inference_files={"inference.json": {"task": "nlvr", "max_tokens": max_tokens, "max_words": max_words}},
     )
 
 
