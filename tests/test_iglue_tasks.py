@@ -153,6 +153,7 @@ def test_xvnli_per_language_metrics_and_mean(xvnli_files, tokenizer, tiny_state,
         task = X.build_task(data, preset("x2vlm-tiny"), tokenizer, "data")
     assert "en.jsonl: skipped 1 line(s)" in caplog.text
     assert task.model_task == "classification" and task.model_changes == {"num_labels": 3} and task.selection_metric == "acc"
+    assert task.inference_files == {"inference.json": {"task": "xvnli", "max_tokens": 16, "max_words": 40}}  # for Model.entail
     assert [it.label for it in task.train_set.items] == [1, 0, 2, 1, 0]
     assert task.train_set.items[0].image == str(image_root / "1000092795.jpg")
     sample = task.train_set.get(0, np.random.default_rng(0))

@@ -110,6 +110,8 @@ def dirs(tmp_path_factory, tiny_state) -> dict[str, Path]:
     load_official(video_qa, tiny_state)  # a fresh classifier on the tiny encoders
     nlvr = X2VLM(preset("x2vlm-tiny", task="nlvr"))
     load_official(nlvr, tiny_state)  # a fresh head on the tiny encoders
+    xvnli = X2VLM(preset("x2vlm-tiny", task="classification", num_labels=3))
+    load_official(xvnli, tiny_state)
     return {
         "vqa": save_dir(build_tiny("vqa", tiny_state), root / "vqa", {"answer_list.json": ANSWERS, "inference.json": VQA_SETTINGS}),
         "grounding": save_dir(build_tiny("grounding", tiny_state), root / "grounding",
@@ -120,6 +122,7 @@ def dirs(tmp_path_factory, tiny_state) -> dict[str, Path]:
                               {"inference.json": {"task": "retrieval", "max_tokens": 30, "k_test": 3, "video": False}}),
         "pretrain": save_dir(build_tiny("pretrain", tiny_state), root / "pretrain"),
         "nlvr": save_dir(nlvr.eval(), root / "nlvr", {"inference.json": {"task": "nlvr", "max_tokens": 12, "max_words": 8}}),
+        "xvnli": save_dir(xvnli.eval(), root / "xvnli", {"inference.json": {"task": "xvnli", "max_tokens": 12, "max_words": 8}}),
         "video_qa": save_dir(video_qa.eval(), root / "video_qa",
                              {"ans2label.json": {a: i for i, a in enumerate(LABELS)}, "inference.json": {"task": "video_qa", "max_tokens": 16}}),
     }
@@ -477,6 +480,32 @@ def test_verify_judges_statements_as_the_nlvr_evaluation(models, images, tmp_pat
         model.verify(paths[:2], paths[:1], statements[0])
     with pytest.raises(TaskMismatchError, match=r"verify\(\) needs an NLVR2 model .*'vqa' model"):
         models["vqa"].verify(paths[0], paths[1], statements[0])
+
+
+def test_entail_classifies_as_the_xvnli_evaluation(models, images):
+    from x2vlm.data.text import pre_caption
+    from x2vlm.tasks.xvnli import LABEL_NAMES, XVNLIItem, predict_xvnli, xvnli_logits
+
+    model, paths = models["xvnli"], image_paths(images)
+    hypotheses = ["a red dog runs", "two people sit at a table in the city on a sunny day with a dog", "a cat", "no dog"]
+    which = [0, 3, 3, 5]
+    items = [XVNLIItem(str(paths[i]), pre_caption(h, 8), h, 0) for i, h in zip(which, hypotheses)]  # the saved max_words
+    expected = predict_xvnli(model.model, items, list(range(4)), model.tokenizer, model.cfg.image_res, 12, "test")
+    with torch.no_grad():
+        pixels = R.FileVision([str(paths[i]) for i in which], model.cfg.image_res).load(range(4))
+        probs = xvnli_logits(model.model, pixels, *model.tokenizer([it.text for it in items], max_length=12)).softmax(dim=-1)
+    answers = model.entail([paths[i] for i in which], hypotheses)
+    assert [a.answer for a in answers] == [LABEL_NAMES[p] for p in expected]
+    for answer, row in zip(answers, probs):
+        assert sorted(name for name, _ in answer.top) == sorted(LABEL_NAMES)
+        assert [p for _, p in answer.top] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-5)
+        assert answer.probability == pytest.approx(float(row.max()), abs=1e-5)
+    assert_same_top(model.entail(Image.open(paths[3]), hypotheses[2]), answers[2])  # single, any image input
+    assert [a.answer for a in model.entail(paths[3], hypotheses[1:3])] == [a.answer for a in answers[1:3]]
+    with pytest.raises(TaskMismatchError, match=r"entail\(\) needs an XVNLI model .*saved task 'video_qa'"):
+        models["video_qa"].entail(paths[0], "a dog")  # a classifier too, of video questions
+    with pytest.raises(TaskMismatchError, match=r"entail\(\) needs an XVNLI model .*'nlvr' model"):
+        models["nlvr"].entail(paths[0], "a dog")
 
 
 def test_videos_are_sampled_as_the_evaluation_samples_them(models, videos):

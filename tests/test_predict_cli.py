@@ -60,6 +60,14 @@ def test_verify_prints_the_verdict(dirs, models, images, capsys):
     assert (out["left"], out["right"], out["statement"]) == (left, right, "both images contain a dog")
 
 
+def test_entail_prints_the_labels(dirs, models, images, capsys):
+    image = str(image_paths(images)[3])
+    out = run(capsys, "entail", "--model", str(dirs["xvnli"]), "--image", image, "--hypothesis", "two dogs play")
+    expected = models["xvnli"].entail(image, "two dogs play")
+    assert out["answer"] == expected.answer and [t["answer"] for t in out["top"]] == [a for a, _ in expected.top]
+    assert (out["image"], out["hypothesis"]) == (image, "two dogs play")
+
+
 def test_video_qa_through_vqa(dirs, models, videos, capsys):
     clip = videos / "clip_a.mp4"
     out = run(capsys, "vqa", "--model", str(dirs["video_qa"]), "--video", str(clip), "--question", "what color is the dog")

@@ -7,6 +7,7 @@
     model.caption(["a.png", "b.png"], beams=3)                   # -> ["a red circle ...", "..."]
     model.match(images, texts)                                   # -> {"itm": (I, T), "itc": (I, T)} numpy arrays
     model.verify("left.png", "right.png", "both images contain a dog")  # NLVR2 -> Verdict(true=..., probability=...)
+    model.entail(image, "two dogs play")                        # XVNLI -> Answer('entailment' / 'contradiction' / 'neutral')
     index = model.index(paths, kind="images"); index.save("gallery")
     model.index(paths, kind="images", keep_embeddings=True, out="gallery")  # streamed to disk, any size
     model.retrieve("a red circle", GalleryIndex.load("gallery"), k=5)   # -> [Hit(index, id, itc, itm), ...]
@@ -86,6 +87,7 @@ from x2vlm.tasks import nlvr as nlvr_task
 from x2vlm.tasks import retrieval as retrieval_task
 from x2vlm.tasks import video_qa as video_qa_task
 from x2vlm.tasks import vqa as vqa_task
+from x2vlm.tasks import xvnli as xvnli_task
 from x2vlm.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
 
 log = logging.getLogger(__name__)
@@ -711,6 +713,34 @@ class Model:
         probs = torch.cat(probabilities)
         verdicts = [Verdict(bool(p.argmax() == 1), float(p[1])) for p in probs]
         return verdicts[0] if single_left and single_statement else verdicts
+
+    def entail(self, image, hypothesis) -> Answer | list[Answer]:
+        """Does an image entail, contradict or leave open a hypothesis (an XVNLI model: task
+        'classification' with the three labels, saved by XVNLI fine-tuning or with no saved task)? One image and several hypotheses,
+        several images and one, or pairs. As the evaluation: test transform, ``pre_caption`` and the
+        saved token limits, the head on the fused CLS; ``Answer.answer`` is the argmax label
+        ('contradiction', 'entailment' or 'neutral'), ``top`` all three by probability."""
+        if (self.task != "classification" or self.cfg.num_labels != len(xvnli_task.LABEL_NAMES)
+                or self.settings.get("task", "xvnli") != "xvnli"):
+            raise self._mismatch("entail()", f"an XVNLI model (task 'classification' with 3 labels; saved task "
+                                             f"{self.settings.get('task', 'none')!r})")
+        images, single_image = _image_batch(image)
+        hypotheses, single_hypothesis = _text_batch(hypothesis, "hypothesis")
+        image_index = _broadcast(len(images), single_image, hypotheses, single_hypothesis, "image")
+        saved = self._saved("max_tokens", "max_words")
+        max_tokens = saved.get("max_tokens", xvnli_task.DEFAULT_MAX_TOKENS)
+        ids, mask = self.tokenizer(_clean_captions(hypotheses, saved.get("max_words", xvnli_task.DEFAULT_MAX_WORDS), "hypothesis"),
+                                   max_length=max_tokens)
+        results = []
+        for rows in self._batches(len(hypotheses)):
+            slots = list(dict.fromkeys(image_index[r] for r in rows))
+            which = torch.tensor([slots.index(image_index[r]) for r in rows], device=self.device)
+            with torch.no_grad(), self._autocast():
+                logits = xvnli_task.xvnli_logits(self.model, self._pixels(images, slots), ids[rows.start : rows.stop].to(self.device),
+                                                 mask[rows.start : rows.stop].to(self.device), which)
+            probs, best = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)
+            results.extend(_answers(xvnli_task.LABEL_NAMES, best.cpu(), probs.cpu()))
+        return results[0] if single_image and single_hypothesis else results
 
     # -- VQA / video QA ------------------------------------------------------------------------------
     def answer(self, image, question, top_k: int = 1, answers: Sequence[str] | None = None,

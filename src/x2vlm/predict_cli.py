@@ -85,6 +85,14 @@ def add_predict_command(sub) -> None:
     p.add_argument("--statement", required=True, metavar="TEXT")
     p.set_defaults(func=cmd_verify)
 
+    p = tasks.add_parser("entail", help="entailment, contradiction or neutral for an image and a hypothesis (XVNLI model)",
+                         description="Classify a hypothesis against an image as the XVNLI evaluation does (the three labels "
+                                     "with their probabilities).")
+    common(p)
+    p.add_argument("--image", required=True, metavar="IMG")
+    p.add_argument("--hypothesis", required=True, metavar="TEXT")
+    p.set_defaults(func=cmd_entail)
+
     p = tasks.add_parser("match", help="ITM and ITC scores of every image with every text",
                          description="Image-text scores as the retrieval evaluation computes them: 'itm' the ITM match "
                                      "logit, 'itc' the cosine similarity of the contrastive features; matrices "
@@ -177,6 +185,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     verdict = _load(args).verify(args.left, args.right, args.statement)
     return _print({"left": args.left, "right": args.right, "statement": args.statement, **verdict.to_dict()})
+
+
+def cmd_entail(args: argparse.Namespace) -> int:
+    answer = _load(args).entail(args.image, args.hypothesis)
+    return _print({"image": args.image, "hypothesis": args.hypothesis, **answer.to_dict()})
 
 
 def cmd_match(args: argparse.Namespace) -> int:

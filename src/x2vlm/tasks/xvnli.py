@@ -68,6 +68,7 @@ from x2vlm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 LABEL_NAMES = sorted(XVNLI_LABELS, key=XVNLI_LABELS.get)  # index -> name
+DEFAULT_MAX_TOKENS, DEFAULT_MAX_WORDS = 40, 40  # the data section's max_tokens / max_words when absent
 DATA_KEYS = {"train_file", "val_file", "test_file", "extra_eval_files", "image_root", "max_tokens", "max_words", "crop_scale",
              "hflip", "randaug", "eval_subset", "selection_metric"}
 
@@ -195,8 +196,8 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
     image_root = data.get("image_root")
     if image_root is not None and not (isinstance(image_root, str) and Path(image_root).is_dir()):
         raise FileNotFoundError(f"{where}: 'image_root' {image_root!r} is not a directory")
-    max_tokens = positive_int_key(data, "max_tokens", 40, where)
-    max_words = positive_int_key(data, "max_words", 40, where)
+    max_tokens = positive_int_key(data, "max_tokens", DEFAULT_MAX_TOKENS, where)
+    max_words = positive_int_key(data, "max_words", DEFAULT_MAX_WORDS, where)
     transform = FinetuneTrainTransform(model_cfg.image_res, scale=crop_scale_key(data, where),
                                        randaug=bool_key(data, "randaug", True, where), hflip=bool_key(data, "hflip", True, where))
     split_files = {"val": file_or_language_files(require_key(data, "val_file", where), "val_file", where),
@@ -232,4 +233,5 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
         eval_splits=list(eval_sets),
         selection_metric=selection_metric,
         model_changes={"num_labels": len(LABEL_NAMES)},
+        inference_files={"inference.json": {"task": "xvnli", "max_tokens": max_tokens, "max_words": max_words}},
     )
