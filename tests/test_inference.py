@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -452,6 +453,45 @@ def test_an_index_streamed_to_disk_piece_by_piece_equals_the_one_built_in_memory
         inference.write_rows_safetensors(tmp_path / "long.safetensors", 3, [{"x": rows}, {"x": rows[:1]}])
     with pytest.raises(ValueError, match="x piece torch.float64"):
         inference.write_rows_safetensors(tmp_path / "mixed.safetensors", 3, [{"x": rows[:1]}, {"x": rows[1:].double()}])
+
+
+def test_an_interrupted_index_build_resumes_after_its_last_piece(models, images, tmp_path, monkeypatch, caplog):
+    from x2vlm import inference
+
+    monkeypatch.setattr(inference, "INDEX_CHUNK", 2)  # 6 images: 3 pieces
+    model, paths = models["retrieval"], [str(p) for p in image_paths(images)]
+    expected = model.index(paths, kind="images", keep_embeddings=True, embeddings_dtype="bf16")
+    encode = model._encode_vision
+    calls = []
+
+    def failing(items, *args, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while encoding the second piece
+        return encode(items, *args, **kwargs)
+
+    monkeypatch.setattr(model, "_encode_vision", failing)
+    with pytest.raises(KeyboardInterrupt):
+        model.index(paths, kind="images", keep_embeddings=True, embeddings_dtype="bf16", out=tmp_path / "gallery")
+    assert not (tmp_path / "gallery" / inference.INDEX_TENSORS).exists()
+    assert json.loads((tmp_path / "gallery" / inference.INDEX_PROGRESS).read_text())["rows"] == 2
+    calls.clear()
+    monkeypatch.setattr(model, "_encode_vision", lambda items, *a, **k: calls.append(len(items)) or encode(items, *a, **k))
+    resumed = model.index(paths, kind="images", keep_embeddings=True, embeddings_dtype="bf16", out=tmp_path / "gallery")
+    assert calls == [2, 2]  # only the pieces not on disk
+    assert torch.equal(resumed.features, expected.features) and torch.equal(resumed.vision_embeds.load(), expected.vision_embeds)
+    assert sorted(p.name for p in (tmp_path / "gallery").iterdir()) == [inference.INDEX_JSON, inference.INDEX_TENSORS]
+    # an interrupted build of another layout (fp32 embeddings now) starts over
+    monkeypatch.setattr(model, "_encode_vision", failing)
+    calls.clear()  # the second piece fails again: the first (bf16) is on disk
+    with pytest.raises(KeyboardInterrupt):
+        model.index(paths, kind="images", keep_embeddings=True, embeddings_dtype="bf16", out=tmp_path / "other")
+    monkeypatch.setattr(model, "_encode_vision", encode)
+    with caplog.at_level(logging.INFO, logger="x2vlm"):
+        other = model.index(paths, kind="images", keep_embeddings=True, out=tmp_path / "other")
+    assert "another layout" in caplog.text and "starting over" in caplog.text
+    assert other.vision_embeds.dtype == torch.float32 and torch.equal(other.features, expected.features)
+    assert torch.equal(other.vision_embeds.load(), model.index(paths, kind="images", keep_embeddings=True).vision_embeds)
 
 
 def test_verify_judges_statements_as_the_nlvr_evaluation(models, images, tmp_path):
