@@ -236,21 +236,21 @@ def _gallery(model, args: argparse.Namespace):
         if not given:
             raise ValueError("a text query needs --gallery: image files (video files with --videos) or a saved index directory")
         keep = {"keep_embeddings": True, "embeddings_dtype": args.keep_embeddings} if args.keep_embeddings else {}
-        return model.index(given, kind="videos" if args.videos else "images", ids=given, **keep), None
+        return model.index(given, kind="videos" if args.videos else "images", ids=given, out=args.save_index, **keep), None
     if given:
         raise ValueError("an image query ranks texts: give them with --texts/--texts-file, or --gallery a saved text index")
     if not texts:
         raise ValueError("an image query needs a text gallery: --texts T [T ...], --texts-file FILE or --gallery a saved text index")
-    return model.index(texts, kind="texts"), None
+    return model.index(texts, kind="texts", out=args.save_index), None
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
     model = _load(args)
     if args.videos and args.text is None:
         raise ValueError("--videos describes the --gallery files of a text query")
-    index, loaded_from = _gallery(model, args)
-    if args.save_index and loaded_from is not None:
+    if args.save_index and args.gallery and len(args.gallery) == 1 and Path(args.gallery[0]).is_dir():
         raise ValueError("--save-index saves a gallery embedded from files or texts, not one loaded from an index")
+    index, loaded_from = _gallery(model, args)  # with --save-index written there as it is embedded (resumable)
     hits = model.retrieve(args.text if args.text is not None else args.image, index, k=args.k, k_test=args.k_test)
     document: dict[str, Any] = {
         "query": {"text": args.text} if args.text is not None else {"image": args.image},
@@ -258,7 +258,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         "hits": [{**hit.to_dict(), "item": index.sources[hit.index]} for hit in hits],
     }
     if args.save_index:
-        document["saved_index"] = str(index.save(args.save_index))
+        document["saved_index"] = args.save_index
     return _print(document)
 
 
