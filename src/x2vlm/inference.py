@@ -245,6 +245,12 @@ def _broadcast(num_items: int, single_item: bool, texts: list[str], single_text:
     return list(range(num_items))
 
 
+def _slots(item_index: list[int], rows: range) -> tuple[list[int], list[int]]:
+    """The distinct items of a batch's ``rows`` (each encoded once) and each row's place among them."""
+    slots = list(dict.fromkeys(item_index[r] for r in rows))
+    return slots, [slots.index(item_index[r]) for r in rows]
+
+
 def _clean_captions(texts: Sequence[str], max_words: int, what: str) -> list[str]:
     cleaned = []
     for k, text in enumerate(texts):
@@ -779,8 +785,8 @@ class Model:
                                    max_length=max_tokens)
         results = []
         for rows in self._batches(len(hypotheses)):
-            slots = list(dict.fromkeys(image_index[r] for r in rows))
-            which = torch.tensor([slots.index(image_index[r]) for r in rows], device=self.device)
+            slots, which = _slots(image_index, rows)
+            which = torch.tensor(which, device=self.device)
             with torch.no_grad(), self._autocast():
                 logits = xvnli_task.xvnli_logits(self.model, self._pixels(images, slots), ids[rows.start : rows.stop].to(self.device),
                                                  mask[rows.start : rows.stop].to(self.device), which)
@@ -838,9 +844,9 @@ class Model:
         cleaned = [pre_question(q, vqa_task.EVAL_QUESTION_WORDS) for q in questions]
         results = []
         for rows in self._batches(len(cleaned)):
-            slots = list(dict.fromkeys(image_index[r] for r in rows))
+            slots, which = _slots(image_index, rows)
             pixels = self._pixels(images, slots)
-            which = torch.tensor([slots.index(image_index[r]) for r in rows], device=self.device)
+            which = torch.tensor(which, device=self.device)
             q_ids, q_mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
             q_ids, q_mask = q_ids.to(self.device), q_mask.to(self.device)
             with torch.no_grad(), self._autocast():
@@ -860,9 +866,9 @@ class Model:
         cleaned = [pre_question(q, video_qa_task.EVAL_QUESTION_WORDS) for q in questions]
         results = []
         for rows in self._batches(len(cleaned)):
-            slots = list(dict.fromkeys(video_index[r] for r in rows))
+            slots, which = _slots(video_index, rows)
             pixels = self._pixels(videos, slots, settings.frame_len)
-            which = torch.tensor([slots.index(video_index[r]) for r in rows], device=self.device)
+            which = torch.tensor(which, device=self.device)
             ids, mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
             with torch.no_grad(), self._autocast():
                 logits = video_qa_task.answer_logits(self.model, pixels, ids.to(self.device), mask.to(self.device), which)
@@ -900,10 +906,9 @@ class Model:
         transform = EvalTransform(settings.res)
         boxes: list[list[float]] = []
         for rows in self._batches(len(cleaned)):
-            slots = list(dict.fromkeys(image_index[r] for r in rows))
+            slots, which = _slots(image_index, rows)
             originals = [read_image(images[s]) for s in slots]
             pixels = torch.stack([transform(img) for img in originals]).to(self.device, self._param_dtype)
-            which = [slots.index(image_index[r]) for r in rows]
             ids, mask = self.tokenizer([cleaned[r] for r in rows], max_length=settings.max_tokens)
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.no_grad(), self._autocast():
