@@ -1,14 +1,23 @@
 """The fused attention path (``scaled_dot_product_attention``) equals the explicit one (scores,
 softmax, probabilities @ values): outputs and gradients, fp32, with padding masks and relative
-position bias; dropout still applies in training; the FLOP counter sees the fused CPU kernel.
-No timing here (bench/bench_speed.py measures)."""
+position bias; dropout still applies in training; the CPU dropout's masks (drawn from 15-bit
+integers) drop the right fraction everywhere and stay unbiased; the FLOP counter sees the fused CPU
+kernel. No timing here (bench/bench_speed.py measures)."""
 
 import pytest
 import torch
 from conftest import build_tiny
 
 from x2vlm.models import bert
-from x2vlm.models.layers import CROSS_ATTENTION_MASK_VALUE, SELF_ATTENTION_MASK_VALUE, attention, padding_bias
+from x2vlm.models.layers import (
+    CROSS_ATTENTION_MASK_VALUE,
+    DROPOUT_LEVELS,
+    SELF_ATTENTION_MASK_VALUE,
+    Dropout,
+    attention,
+    dropout,
+    padding_bias,
+)
 from x2vlm.train.metrics import Spread, count_step_flops, source_commit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,3 +352,43 @@ def test_memoized_frozen_towers_give_the_recomputed_results_and_fusion_gradients
     assert memo.memoized_inputs == 6  # three images + texts 0 (9 tokens), 1 (6), 2 (4)
     with pytest.raises(ValueError, match="unknown tower 'audio'"):
         memo.freeze(["audio"])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_cpu_dropout_drops_its_fraction_in_every_lane_and_is_unbiased(p):
+    """Every element position of a draw (the four 15-bit quarters of each 63-bit number) drops
+    with the rounded probability; kept values are scaled by 1 / (1 - p'); the gradient is that
+    same multiplier."""
+    rounded = round(p * DROPOUT_LEVELS) / DROPOUT_LEVELS
+    assert abs(rounded - p) <= 0.5 / DROPOUT_LEVELS
+    torch.manual_seed(0)
+    x = torch.full((400, 1001), 2.0, requires_grad=True)  # 400,400 elements: not a multiple of 4
+    y = dropout(x, p)
+    dropped = y.detach().eq(0).flatten()
+    sigma = (rounded * (1 - rounded) / (dropped.numel() / 4)) ** 0.5
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - rounded) < 5 * sigma, lane
+    torch.testing.assert_close(y.detach()[y.detach() != 0], torch.full(((~dropped).sum().item(),), 2.0 / (1 - rounded)))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach() / 2.0)
+
+
+def test_cpu_dropout_follows_the_default_generator_and_mode():
+    x = torch.randn(3, 7, 5, dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    first = dropout(x, 0.3)
+    torch.manual_seed(3)
+    again = dropout(x, 0.3)
+    torch.manual_seed(4)
+    other = dropout(x, 0.3)
+    assert first.dtype == torch.bfloat16 and first.shape == x.shape
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout(x, 1.5)
+    module = Dropout(0.3)
+    assert isinstance(module, torch.nn.Dropout)
+    torch.manual_seed(3)
+    torch.testing.assert_close(module(x), first)
+    assert module.eval()(x) is x

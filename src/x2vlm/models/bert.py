@@ -22,6 +22,7 @@ from x2vlm.config import TextConfig
 from x2vlm.models.layers import (
     CROSS_ATTENTION_MASK_VALUE,
     SELF_ATTENTION_MASK_VALUE,
+    Dropout,
     DropPath,
     attention,
     linspace,
@@ -47,7 +48,7 @@ class TextEmbeddings(nn.Module):
         )
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def position_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.position_style == "roberta":
@@ -84,7 +85,7 @@ class ResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
