@@ -43,8 +43,10 @@ def precision_context(precision: str, device: str = "cpu"):
     return nullcontext()
 
 
-def pretrain_step(model: X2VLM, optimizer, batch: SimpleNamespace, precision: str) -> Callable[[], None]:
-    """One W1 step: ITC + ITM (hard negatives) + MLM forward in ``precision``, backward, optimizer step."""
+def pretrain_step(model: X2VLM, optimizer, batch: SimpleNamespace, precision: str,
+                  steps_in_backward: bool = False) -> Callable[[], None]:
+    """One W1 step: ITC + ITM (hard negatives) + MLM forward in ``precision``, backward, optimizer step
+    (``steps_in_backward``: the caller has hooked ``optimizer`` into backward with StepInBackward)."""
 
     def step() -> None:
         generator = torch.Generator().manual_seed(0)
@@ -53,8 +55,9 @@ def pretrain_step(model: X2VLM, optimizer, batch: SimpleNamespace, precision: st
             vision, vmask = model.encode_images(batch.images)
             losses = aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
         sum(losses.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not steps_in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 

@@ -61,7 +61,7 @@ from x2vlm.train.metrics import (  # noqa: E402
     source_commit,
     time_runs,
 )
-from x2vlm.train.optim import OptimizerConfig, build_optimizer  # noqa: E402
+from x2vlm.train.optim import OptimizerConfig, StepInBackward, build_optimizer  # noqa: E402
 
 retrieval.tqdm = lambda iterable, **kwargs: iterable  # no progress bars between the table's lines
 
@@ -126,22 +126,25 @@ def print_result(r: Result) -> None:
 
 # -- W1 / W2 -----------------------------------------------------------------------------------------
 def pretraining_workloads(precisions: list[str], peaks: dict[str, float], repeats: int, which: set[str],
-                          grad_checkpointing: bool = False) -> list[Result]:
+                          grad_checkpointing: bool = False, step_in_backward: bool = False) -> list[Result]:
     torch.manual_seed(0)
     model = X2VLM(preset("x2vlm-base"))
     model.set_grad_checkpointing(grad_checkpointing)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
+    stepper = StepInBackward(optimizer) if step_in_backward else None
     batch = synthetic_batch(model.cfg, 8, 30, 12)
     results = []
     for precision in precisions:
         if "W1" in which:
-            step = pretrain_step(model, optimizer, batch, precision)
+            step = pretrain_step(model, optimizer, batch, precision, steps_in_backward=stepper is not None)
             _, flops = count_step_flops(step)  # the warm-up; allocates the AdamW state
             exact = reset_peak_rss()
             r = Result("W1", precision, Spread.of(time_runs(step, repeats, warmup=0)), flops, peaks[precision], OFFICIAL_SECONDS["W1"],
                        rss_bytes=peak_rss())
             if grad_checkpointing:
                 r.notes.append("gradient checkpointing: the FLOPs include the recomputed forward passes")
+            if stepper is not None:
+                r.notes.append("AdamW stepped per parameter during backward (StepInBackward), gradients freed at once")
             if not exact:
                 r.notes.append("peak RSS since process start (clear_refs not writable)")
             results.append(r)
@@ -150,7 +153,9 @@ def pretraining_workloads(precisions: list[str], peaks: dict[str, float], repeat
             r = measure("W2", precision, pretrain_forward(model, batch, precision), repeats, peaks[precision], OFFICIAL_SECONDS["W2"])
             results.append(r)
             print_result(r)
-    del model, optimizer
+    if stepper is not None:
+        stepper.remove()
+    del model, optimizer, stepper
     gc.collect()
     return results
 
@@ -264,6 +269,9 @@ def main() -> int:
     parser.add_argument("--json", help="also write every figure here")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="W1 with activation checkpointing (X2VLM.set_grad_checkpointing): less memory, more compute")
+    parser.add_argument("--step-in-backward", action="store_true",
+                        help="W1 with each parameter's AdamW step run during backward, its gradient freed at once "
+                             "(train.optim.StepInBackward): less memory")
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
     if repeats < 1:
@@ -289,7 +297,7 @@ def main() -> int:
           f"{'official':>9s} {'speed-up':>8s} {'peak RSS'}")
     results, passed = [], True
     if workloads & {"W1", "W2"}:
-        results += pretraining_workloads(precisions, peaks, repeats, workloads, args.grad_checkpointing)
+        results += pretraining_workloads(precisions, peaks, repeats, workloads, args.grad_checkpointing, args.step_in_backward)
     for workload in ("W3", "W4"):
         if workload in workloads:
             size = sizes[workload]

@@ -114,3 +114,69 @@ def test_optimizer_uses_the_fused_kernel_with_the_loop_kernels_result():
         loop.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _tiny_step(model, images, ids):
+    """A loss that uses every tower, the fusion and the heads (tied word embeddings included)."""
+    vision, vmask = model.encode_images(images)
+    text = model.encode_text(ids, torch.ones_like(ids))
+    fused = model.fuse(text, torch.ones_like(ids), vision, vmask)
+    loss = model.itm_logits(fused).logsumexp(-1).mean() + model.vision_features(vision).pow(2).mean()
+    return loss + model.mlm_logits(ids, torch.ones_like(ids), vision, vmask, torch.tensor([[1, 2]] * len(ids))).mean()
+
+
+def test_step_in_backward_equals_a_step_after_backward_and_frees_the_gradients():
+    from x2vlm.train.optim import StepInBackward, build_scheduler
+
+    torch.manual_seed(0)
+    plain = X2VLM(preset("x2vlm-tiny"))
+    hooked = X2VLM(preset("x2vlm-tiny"))
+    hooked.load_state_dict(plain.state_dict())
+    plain.eval(), hooked.eval()  # no dropout: the two models must see the same computation
+    cfg = OptimizerConfig(lr=1e-3, weight_decay=0.05, vision_lr=3e-4, text_lr=2e-4, lr_mult=2.0)
+    optimizers = [build_optimizer(m, cfg, new_params=["itm_head"]) for m in (plain, hooked)]
+    schedulers = [build_scheduler(o, 5, ScheduleConfig(warmup=2)) for o in optimizers]
+    stepper = StepInBackward(optimizers[1])
+    frozen = [p for n, p in hooked.named_parameters() if n.startswith("vision_proj.")]
+    frozen_plain = [p for n, p in plain.named_parameters() if n.startswith("vision_proj.")]
+    g = torch.Generator().manual_seed(1)
+    res = plain.cfg.image_res
+    for step in range(4):
+        images = torch.randn(3, 3, res, res, generator=g)
+        ids = torch.randint(5, plain.cfg.text.vocab_size, (3, 7), generator=g)
+        _tiny_step(plain, images, ids).backward()
+        if step < 2:  # a part held fixed for two steps, as text_tower_frozen_steps does
+            for p in frozen_plain:
+                p.grad = None
+        optimizers[0].step()
+        optimizers[0].zero_grad(set_to_none=True)
+        stepper.skip = set(frozen) if step < 2 else set()
+        _tiny_step(hooked, images, ids).backward()
+        assert all(p.grad is None for p in hooked.parameters())
+        for scheduler in schedulers:
+            scheduler.step()
+        if step == 1:
+            assert not any(p in optimizers[1].state for p in frozen)
+    for (name, a), b in zip(plain.state_dict().items(), hooked.state_dict().values()):
+        assert torch.equal(a, b), name
+    expected, got = optimizers[0].state_dict(), optimizers[1].state_dict()
+    assert expected["state"].keys() == got["state"].keys()
+    for index, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, got["state"][index][key]), (index, key)
+    assert [g["lr"] for g in expected["param_groups"]] == [g["lr"] for g in got["param_groups"]]
+    stepper.remove()
+    _tiny_step(hooked, images, ids).backward()
+    assert any(p.grad is not None for p in hooked.parameters())  # hooks gone: gradients stay
+
+
+def test_step_in_backward_refuses_what_it_cannot_do():
+    from x2vlm.train.optim import check_step_in_backward
+
+    check_step_in_backward(0.0, 1, False)
+    check_step_in_backward(None, 1, False)
+    for args, words in (((1.0, 1, False), "grad_clip=1.0"), ((0.0, 2, False), "accumulate=2"),
+                        ((0.0, 1, True), "more than one process")):
+        with pytest.raises(ValueError, match="step_in_backward") as info:
+            check_step_in_backward(*args)
+        assert words in str(info.value)

@@ -164,8 +164,10 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, data_dir
     assert S.latest_checkpoint(out).name == "step_00000006"
 
 
-def test_non_finite_loss_stops_with_step_sources_and_checkpoint(tmp_path, data_dir, monkeypatch):
-    cfg = P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, tmp_path / "run", steps=6)))
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_non_finite_loss_stops_with_step_sources_and_checkpoint(tmp_path, data_dir, monkeypatch, step_in_backward):
+    changes = {"step_in_backward": True, "grad_clip": 0.0} if step_in_backward else {}
+    cfg = P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, tmp_path / "run", steps=6, **changes)))
     real = P.step_losses
     calls = {"n": 0}
 
@@ -243,6 +245,25 @@ def test_text_tower_stays_fixed_while_frozen_and_trains_after(tmp_path, data_dir
     assert any(not torch.equal(first[n], last[n]) for n in tower), "text tower never trained after the frozen steps"
     fusion = f"text_encoder.encoder.layer.{start.num_text_layers}.crossattention.self.query.weight"
     assert not torch.equal(first[fusion], init[fusion]), "fusion layers must train while the tower is frozen"
+
+
+def test_step_in_backward_trains_exactly_as_a_step_after_backward(tmp_path, data_dir):
+    """The same losses and weights with every parameter stepped during backward (text tower held
+    fixed for the first two steps in both); grad_clip must be 0 for it, which the run checks first."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("plain", {}), ("hooked", {"step_in_backward": True})):
+        out = tmp_path / name
+        cfg = run_config(data_dir, out, steps=4, ckpt_every=4, grad_clip=0.0, text_tower_frozen_steps=2, precision="fp32", **extra)
+        P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / f"{name}.yaml", cfg)))
+        runs[name] = (losses_by_step(out), load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors")))
+    assert runs["plain"][0] == runs["hooked"][0]
+    for key, value in runs["plain"][1].items():
+        assert torch.equal(value, runs["hooked"][1][key]), key
+    clipped = run_config(data_dir, tmp_path / "clipped", steps=1, step_in_backward=True)  # grad_clip 1.0
+    with pytest.raises(ValueError, match="step_in_backward.*grad_clip=1.0"):
+        P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "clipped.yaml", clipped)))
 
 
 def test_same_caption_matches_makes_identical_captions_positives_and_never_negatives(monkeypatch):
