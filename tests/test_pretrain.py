@@ -72,8 +72,9 @@ def losses_by_step(out_dir: Path) -> dict[int, float]:
 def test_shipped_configs_parse(path):
     cfg = P.load_pretrain_config(path)
     assert cfg.steps > 0
-    if path.stem == "small_world_localization":  # the embedded default's stage 3: boxes on frozen towers
-        assert cfg.images is None and cfg.videos is None and cfg.regions.boxes_only and cfg.freeze == ["vision", "text"]
+    if path.stem == "small_world_localization":  # the embedded default's stage 3: boxes + image ITC/ITM on frozen towers
+        assert cfg.videos is None and cfg.regions.boxes_only and cfg.freeze == ["vision", "text"]
+        assert not cfg.images.mlm and cfg.itm_negatives == "random"
         return
     assert cfg.images is not None and cfg.images.kind == "image_text"
     if path.stem == "small_world_stage1":  # the image-text warm-up stage of the embedded default
@@ -280,9 +281,9 @@ def test_same_caption_matches_makes_identical_captions_positives_and_never_negat
     assert torch.equal(O.caption_ids(texts[[3, 1]]), ids[[3, 1]])  # a row's id does not depend on its batch
 
     seen = {"itc": [], "itm": []}
-    real_itc, real_neg = O.contrastive_loss, O.sample_hard_negatives
+    real_itc, real_neg = O.contrastive_loss, O.sample_negatives
     monkeypatch.setattr(O, "contrastive_loss", lambda *a, ids=None, **k: seen["itc"].append(ids) or real_itc(*a, ids=ids, **k))
-    monkeypatch.setattr(O, "sample_hard_negatives", lambda *a, ids=None, **k: seen["itm"].append(ids) or real_neg(*a, ids=ids, **k))
+    monkeypatch.setattr(O, "sample_negatives", lambda *a, ids=None, **k: seen["itm"].append(ids) or real_neg(*a, ids=ids, **k))
     torch.manual_seed(0)
     model = X2VLM(preset("x2vlm-tiny", task="pretrain")).eval()
     mask = texts.ne(0).long()
@@ -299,6 +300,46 @@ def test_same_caption_matches_makes_identical_captions_positives_and_never_negat
         for seed in range(20):
             image_neg, text_neg = real_neg(vfeat, tfeat, model.temp, ids=ids, generator=torch.Generator().manual_seed(seed))
             assert not ids[image_neg].eq(ids).any() and not ids[text_neg].eq(ids).any()
+
+
+def test_random_itm_negatives_are_uniform_over_the_non_positives_whatever_the_similarity(tmp_path, data_dir):
+    """itm_negatives: random draws each negative uniformly among the pairs that are not positives
+    (same index or same caption id), where hard ones follow ITC similarity; the run config selects it
+    and rejects anything but hard/random."""
+    from x2vlm import objectives as O
+
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    feats = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    feats[5] = feats[2]  # row 5 is by far the closest to row 2: the hard sampler nearly always picks it
+    counts = {True: torch.zeros(6, 6), False: torch.zeros(6, 6)}
+    for hard in (True, False):
+        for seed in range(600):
+            image_neg, text_neg = O.sample_negatives(feats, feats, torch.tensor(0.02), ids=ids,
+                                                     generator=torch.Generator().manual_seed(seed), hard=hard)
+            assert not ids[image_neg].eq(ids).any() and not ids[text_neg].eq(ids).any()
+            counts[hard][torch.arange(6), text_neg] += 1
+    assert counts[True][2, 5] > 550  # hard: the nearest text
+    allowed = ~ids.view(-1, 1).eq(ids.view(1, -1))
+    expected = 600 / allowed.sum(1, keepdim=True)  # random: 600 draws spread evenly over the allowed
+    assert (counts[False][allowed] - expected.expand(6, 6)[allowed]).abs().max() < 60
+    out = tmp_path / "run"
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "c.yaml", run_config(data_dir, out, steps=2, itm_negatives="random"))))
+    assert losses_by_step(out).keys() == {1, 2}
+    with pytest.raises(ValueError, match="itm_negatives must be 'hard' or 'random'"):
+        P.load_pretrain_config(write_config(tmp_path / "bad.yaml", run_config(data_dir, out, itm_negatives="easy")))
+
+
+def test_a_source_without_mlm_trains_itc_and_itm_only(tmp_path, data_dir):
+    out = tmp_path / "run"
+    cfg = run_config(data_dir, out, steps=2)
+    cfg["images"]["mlm"] = False
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "c.yaml", cfg)))
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_image_itc", "loss_image_itm", "loss_region_mlm", "loss_video_mlm"} <= logged.keys()
+    assert "loss_image_mlm" not in logged
+    cfg["texts"]["mlm"] = False
+    with pytest.raises(ValueError, match="'mlm' is only for image, region and video text sources"):
+        P.load_pretrain_config(write_config(tmp_path / "bad.yaml", cfg))
 
 
 def test_region_texts_are_encoded_once_per_step(tmp_path, data_dir, monkeypatch):

@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from x2vlm.config import preset
-from x2vlm.objectives import matching_logits, matching_loss, sample_hard_negatives
+from x2vlm.objectives import matching_logits, matching_loss, sample_negatives
 from x2vlm.tasks.common import EvalContext
 from x2vlm.tasks.retrieval import (
     RECALL_KEYS,
@@ -235,13 +235,13 @@ def test_loss_is_id_aware_itc_plus_itm_on_hard_negatives(tiny_state):
         i2t = -(F.log_softmax(logits, 1) * target).sum(1).mean()
         t2i = -(F.log_softmax(logits.t(), 1) * target).sum(1).mean()
         torch.testing.assert_close(losses["itc"], (i2t + t2i) / 2, atol=1e-5, rtol=0)
-        image_neg, text_neg = sample_hard_negatives(vfeat, tfeat, model.temp, ids=ids, generator=torch.Generator().manual_seed(11))
+        image_neg, text_neg = sample_negatives(vfeat, tfeat, model.temp, ids=ids, generator=torch.Generator().manual_seed(11))
         expected_itm = matching_loss(matching_logits(model, vision, vmask, text, text_mask, image_neg, text_neg))
         torch.testing.assert_close(losses["itm"], expected_itm, atol=1e-5, rtol=0)
     # Same-id pairs are never negatives, even when they are by far the most similar.
     feats = F.normalize(torch.randn(3, 8), dim=1)[ids]
     for seed in range(50):
-        image_neg, text_neg = sample_hard_negatives(feats, feats, torch.tensor(0.05), ids=ids, generator=torch.Generator().manual_seed(seed))
+        image_neg, text_neg = sample_negatives(feats, feats, torch.tensor(0.05), ids=ids, generator=torch.Generator().manual_seed(seed))
         assert (ids[image_neg] != ids).all() and (ids[text_neg] != ids).all()
     # A batch of one id has no negative: ITM is 0, ITC still trains.
     one_id = retrieval_loss(model, RetrievalBatch(pixels[:3], text_ids[:3], text_mask[:3], torch.zeros(3, dtype=torch.long)), torch.Generator())

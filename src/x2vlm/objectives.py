@@ -1,4 +1,4 @@
-"""Training objectives: ITC, ITM with hard negatives, MLM, box L1 + GIoU, captioning loss.
+"""Training objectives: ITC, ITM with hard (or random) negatives, MLM, box L1 + GIoU, captioning loss.
 
 Plain functions over model outputs; the model file holds the modules, this file the losses.
 Differences from the official code (its defects, spec §6): negatives are drawn for the whole batch
@@ -95,32 +95,40 @@ def contrastive_loss(
 def caption_ids(text_ids: torch.Tensor) -> torch.Tensor:
     """(B,) int64 ids equal exactly for identical token rows, the same on every rank (a polynomial
     hash of the ids, wrapping in int64), so that identical captions can count as one text in
-    ``contrastive_loss`` and ``sample_hard_negatives``."""
+    ``contrastive_loss`` and ``sample_negatives``."""
     powers = torch.full((text_ids.shape[1],), 1_000_003, dtype=torch.int64, device=text_ids.device)
     powers = torch.cumprod(powers, dim=0)  # wraps around in int64: still a fixed function of position
     return (text_ids.to(torch.int64) * powers).sum(dim=1)
 
 
 @torch.no_grad()
-def sample_hard_negatives(
+def sample_negatives(
     vision_feat: torch.Tensor,
     text_feat: torch.Tensor,
     temp: torch.Tensor,
     ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    hard: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One negative image per text and one negative text per image, drawn in proportion to
-    softmax(similarity / temp) with the positives (same index, or same id) excluded.
+    """One ITM negative image per text and one negative text per image, the positives (same index,
+    or same id) excluded. ``hard`` (X²-VLM): drawn in proportion to softmax(similarity / temp), so
+    the texts and images ITC finds closest; else uniformly among the batch's non-positives (random
+    negatives, as ViLT and METER train ITM; the features are then unused).
 
     Returns ``(image_neg_for_text, text_neg_for_image)``, each (B,) indices into the local batch."""
-    sim = vision_feat.float() @ text_feat.float().t() / temp.float()
+    n = vision_feat.shape[0]
+    device = vision_feat.device
     if ids is None:
-        positives = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        positives = torch.eye(n, dtype=torch.bool, device=device)
     else:
         positives = ids.view(-1, 1).eq(ids.view(1, -1))
-    weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positives, 0)
-    weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positives.t(), 0)
-    device = sim.device
+    if hard:
+        sim = vision_feat.float() @ text_feat.float().t() / temp.float()
+        weights_i2t = (F.softmax(sim, dim=1) + 1e-5).masked_fill(positives, 0)
+        weights_t2i = (F.softmax(sim.t(), dim=1) + 1e-5).masked_fill(positives.t(), 0)
+    else:
+        weights_i2t = (~positives).float()
+        weights_t2i = weights_i2t.t()
     if generator is not None and generator.device != device:  # e.g. a CPU generator, CUDA features
         weights_i2t, weights_t2i = weights_i2t.to(generator.device), weights_t2i.to(generator.device)
     image_neg = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1).to(device)
@@ -176,7 +184,7 @@ def parallel_text_losses(
 
     * ``ttc``: ITC between the two sides' text CLS features (both through ``text_proj``), all-gathered
       over ranks like ITC; target ``i`` for row ``i`` (with ``ids``: every same-id pair).
-    * ``ttm``: ITM with hard negatives (``sample_hard_negatives``), side 1 in the place of the image
+    * ``ttm``: ITM with hard negatives (``sample_negatives``), side 1 in the place of the image
       (the cross encoder's K/V input, side-1 padding masked), side 2 the fused text.
     * ``mlm``: side 1's masked ids through the text and cross encoders, cross-attending to the
       (unmasked) side-2 states; loss at side 1's masked positions only.
@@ -186,7 +194,7 @@ def parallel_text_losses(
     feat1, feat2 = model.text_features(side1), model.text_features(side2)
     losses = {"ttc": contrastive_loss(feat1, feat2, model.temp, ids=ids)}
     if compute_itm and side1.shape[0] > 1:
-        first_neg, second_neg = sample_hard_negatives(feat1, feat2, model.temp, ids=ids, generator=generator)
+        first_neg, second_neg = sample_negatives(feat1, feat2, model.temp, ids=ids, generator=generator)
         logits = matching_logits(model, side1, batch.text_mask, side2, batch.target_mask, first_neg, second_neg)
         losses["ttm"] = matching_loss(logits)
     else:

@@ -71,7 +71,7 @@ def main() -> None:
         itm = 0.0
         for r in range(info.world_size):
             rows = slice(r * n, (r + 1) * n)
-            neg_img, neg_txt = O.sample_hard_negatives(vfeat[rows], tfeat[rows], ref.temp, generator=torch.Generator().manual_seed(100 + r))
+            neg_img, neg_txt = O.sample_negatives(vfeat[rows], tfeat[rows], ref.temp, generator=torch.Generator().manual_seed(100 + r))
             logits = O.matching_logits(ref, vision[rows], vmask[rows], text[rows], batch.text_mask[rows], neg_img, neg_txt)
             itm = itm + O.matching_loss(logits) / info.world_size
         mlm = O.mlm_loss(ref.mlm_logits(batch.masked_ids, batch.text_mask, vision, vmask, batch.masked_pos), batch.masked_targets)

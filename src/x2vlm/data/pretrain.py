@@ -90,7 +90,8 @@ class SourceConfig:
     ``target_key`` side 2 (default ``target_text``, never masked); both use ``max_tokens``.
     ``name`` labels logs and decorrelates the random streams of sources of the same kind.
     ``boxes_only`` (region_text): the grain trains only multi-grained localization (box L1 + GIoU of
-    each region text on its full image), not region ITC / ITM / MLM.
+    each region text on its full image), not region ITC / ITM / MLM. ``mlm: false`` (image, region
+    and video text): the grain trains ITC and ITM but no masked language modelling.
     """
 
     kind: str
@@ -123,6 +124,7 @@ class SourceConfig:
     bad_check_after: int = 1000
     name: str | None = None
     boxes_only: bool = False
+    mlm: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -157,6 +159,8 @@ class SourceConfig:
                 raise ValueError(f"source field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < 3:
             raise ValueError(f"source field 'max_tokens' must be >= 3, got {self.max_tokens}")
+        if not self.mlm and self.kind not in ("image_text", "region_text", "video_text"):
+            raise ValueError(f"source field 'mlm' is only for image, region and video text sources, not {self.kind}")
         if self.boxes_only and self.kind != "region_text":
             raise ValueError(f"source field 'boxes_only' is only for region_text sources, not {self.kind}")
         if self.kind == "region_text" and (self.max_images is None or self.max_images < 1):

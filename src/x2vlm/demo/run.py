@@ -7,8 +7,8 @@ checkpoints (pre-training and fine-tuning resume exactly):
 1. ``world``: the generated world in ``DIR/world`` (``x2vlm world generate``).
 2. ``pretrain_stage1``, ``pretrain_stage2``, ``pretrain_stage3``: the small preset's pre-training
    (``configs/pretrain/small_world_stage1.yaml``, then ``small_world.yaml`` from it, then the
-   localization stage ``small_world_localization.yaml``: box losses only, on frozen towers); the
-   pre-trained model of every task is stage 3's.
+   localization stage ``small_world_localization.yaml``: box losses with image-text ITC and ITM,
+   on frozen towers); the pre-trained model of every task is stage 3's.
 3. ``pretrain_stage2_no_regions`` (``ablation``): stage 2 again from the same stage 1 but without
    region-text data, i.e. without region ITC/ITM/MLM and the box losses (and no stage 3).
 4. ``finetune:TASK:INIT`` for every task of the table: from the pre-trained model (``pre``), from a
@@ -259,7 +259,7 @@ def plan(settings: DemoSettings) -> list[Stage]:
         Stage("pretrain_stage2", "pre-train, stage 2 (images, regions, videos; all objectives)", 290,
               lambda: _pretrain_stage(settings, "stage2", "small_world.yaml",
                                       {"init": f"ours:{settings.out_dir / 'pretrain' / 'stage1'}"})),
-        Stage("pretrain_stage3", "pre-train, stage 3 (localization: box losses, frozen towers)", 90,
+        Stage("pretrain_stage3", "pre-train, stage 3 (localization with image-text matching, frozen towers)", 160,
               lambda: _pretrain_stage(settings, PRETRAINED, "small_world_localization.yaml",
                                       {"init": f"ours:{settings.out_dir / 'pretrain' / 'stage2'}"})),
     ]

@@ -102,7 +102,7 @@ from x2vlm.objectives import (
     contrastive_loss,
     matching_logits,
     matching_loss,
-    sample_hard_negatives,
+    sample_negatives,
 )
 from x2vlm.tasks.common import (
     EvalContext,
@@ -786,7 +786,7 @@ def retrieval_loss(model: X2VLM, batch: RetrievalBatch, generator: torch.Generat
         log.warning("retrieval: a batch whose %d pairs all share one id has no ITM negative; ITM loss 0", len(batch.ids))
         losses["itm"] = vision_feat.new_zeros(())
         return losses
-    image_neg, text_neg = sample_hard_negatives(vision_feat, text_feat, model.temp, ids=batch.ids, generator=generator)
+    image_neg, text_neg = sample_negatives(vision_feat, text_feat, model.temp, ids=batch.ids, generator=generator)
     logits = matching_logits(model, vision, vision_mask, text, batch.text_mask, image_neg, text_neg)
     losses["itm"] = matching_loss(logits)
     return losses

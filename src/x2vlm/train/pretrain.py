@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class PretrainConfig:
     # share a caption (the generated world: 43% of its image-caption pairs share their exact caption
     # with another image), where hard negatives would otherwise often be true matches.
     same_caption_matches: bool = False
+    # ITM negatives: "hard" (X²-VLM: drawn in proportion to ITC similarity) or "random" (uniform over
+    # the batch's other pairs, as ViLT and METER). See the small-world configs for when random helps.
+    itm_negatives: str = "hard"
     # Activation checkpointing of every transformer block/layer (X2VLM.set_grad_checkpointing): less
     # activation memory for about a third more compute; the same values and gradients.
     grad_checkpointing: bool = False
@@ -123,6 +127,8 @@ def build_pretrain_config(data: Any, where: str) -> PretrainConfig:
     check_towers(cfg.freeze, where)
     if cfg.freeze and cfg.parallel != "ddp":
         raise ValueError(f"{where}: freeze is supported with parallel: ddp, not {cfg.parallel}")
+    if cfg.itm_negatives not in ("hard", "random"):
+        raise ValueError(f"{where}: itm_negatives must be 'hard' or 'random', not {cfg.itm_negatives!r}")
     return cfg
 
 
@@ -210,11 +216,14 @@ def aligning_losses(
     valid: torch.Tensor | None = None,
     same_caption_matches: bool = False,
     text: torch.Tensor | None = None,
+    hard_negatives: bool = True,
+    mlm: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """ITC + ITM (hard negatives) + MLM for one grain (image, region or video) and its texts; with
-    ``same_caption_matches`` the pairs whose captions are identical count as matches (ITC positives,
-    never ITM negatives). ``text``: the texts' states from ``model.encode_text``, when the caller
-    needs them too (the region grain's box losses); encoded here otherwise."""
+    """ITC + ITM (hard negatives, or random ones: ``hard_negatives=False``) + MLM for one grain
+    (image, region or video) and its texts; with ``same_caption_matches`` the pairs whose captions
+    are identical count as matches (ITC positives, never ITM negatives). ``text``: the texts' states
+    from ``model.encode_text``, when the caller needs them too (the region grain's box losses);
+    encoded here otherwise. ``mlm=False``: no MLM loss (its key is absent)."""
     if text is None:
         text = model.encode_text(batch.text_ids, batch.text_mask)
     vision_feat, text_feat = model.vision_features(vision), model.text_features(text)
@@ -222,12 +231,14 @@ def aligning_losses(
     losses = {"itc": O.contrastive_loss(vision_feat, text_feat, model.temp, ids=ids, valid=valid)}
     rows = torch.arange(vision.shape[0]) if valid is None else valid.nonzero().flatten()
     if compute_itm and len(rows) > 1:
-        image_neg, text_neg = O.sample_hard_negatives(vision_feat[rows], text_feat[rows], model.temp,
-                                                      ids=None if ids is None else ids[rows], generator=generator)
+        image_neg, text_neg = O.sample_negatives(vision_feat[rows], text_feat[rows], model.temp,
+                                                 ids=None if ids is None else ids[rows], generator=generator, hard=hard_negatives)
         logits = O.matching_logits(model, vision[rows], vision_mask[rows], text[rows], batch.text_mask[rows], image_neg, text_neg)
         losses["itm"] = O.matching_loss(logits)
     else:
         losses["itm"] = vision.new_zeros(())
+    if not mlm:
+        return losses
     targets = batch.masked_targets if valid is None else batch.masked_targets.masked_fill(~valid.view(-1, 1), -100)
     logits = model.mlm_logits(batch.masked_ids, batch.text_mask, vision, vision_mask, batch.masked_pos)
     losses["mlm"] = O.mlm_loss(logits, targets, global_count=all_reduce_sum(targets.ne(-100).sum()))
@@ -235,19 +246,24 @@ def aligning_losses(
 
 
 def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool,
-                same_caption_matches: bool = False, region_boxes_only: bool = False) -> dict[str, torch.Tensor]:
+                same_caption_matches: bool = False, region_boxes_only: bool = False,
+                hard_negatives: bool = True, without_mlm: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """All losses of one step, named ``<grain>_<objective>``; with ``region_boxes_only`` the region
-    grain computes only its box losses (from the full images; no region features)."""
+    grain computes only its box losses (from the full images; no region features); the sources named
+    in ``without_mlm`` ("images", "regions", "videos") skip MLM."""
     same = same_caption_matches
+    hard = hard_negatives
     losses: dict[str, torch.Tensor] = {}
     if "images" in batches:
         b = batches["images"]
         vision, vmask = model.encode_images(b.images)
-        losses.update({f"image_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same).items()})
+        losses.update({f"image_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same,
+                                                                                  hard_negatives=hard, mlm="images" not in without_mlm).items()})
     if "videos" in batches:
         b = batches["videos"]
         vision, vmask = model.encode_videos(b.videos)
-        losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same).items()})
+        losses.update({f"video_{k}": v for k, v in aligning_losses(model, vision, vmask, b, generator, compute_itm, same_caption_matches=same,
+                                                                                  hard_negatives=hard, mlm="videos" not in without_mlm).items()})
     if "regions" in batches:
         b = batches["regions"]
         if region_boxes_only:
@@ -257,7 +273,7 @@ def step_losses(model: X2VLM, batches: dict[str, Any], generator: torch.Generato
         text = model.encode_text(b.text_ids, b.text_mask)  # once, for the aligning and the box losses
         if not region_boxes_only:
             grain = aligning_losses(model, region, region_mask, b, generator, compute_itm, valid=b.valid,
-                                    same_caption_matches=same, text=text)
+                                    same_caption_matches=same, text=text, hard_negatives=hard, mlm="regions" not in without_mlm)
             losses.update({f"region_{k}": v for k, v in grain.items()})
         boxes = model.predict_boxes(full, text, b.text_mask)
         not_box = b.is_image.float() + (~b.valid).float()
@@ -283,16 +299,20 @@ class PretrainObjective(torch.nn.Module):
     """The model plus its pre-training losses behind one ``forward``, which is what DDP and FSDP
     wrap (their gradient hooks are set up by the wrapper's forward call)."""
 
-    def __init__(self, model: X2VLM, sources: dict[str, SourceConfig], same_caption_matches: bool = False):
+    def __init__(self, model: X2VLM, sources: dict[str, SourceConfig], same_caption_matches: bool = False,
+                 hard_negatives: bool = True):
         super().__init__()
         self.model = model
         self.sources = sources
         self.same_caption_matches = same_caption_matches
+        self.hard_negatives = hard_negatives
 
     def forward(self, batches: dict[str, Any], generator: torch.Generator, compute_itm: bool):
         regions = self.sources.get("regions")
         losses = step_losses(self.model, batches, generator, compute_itm, self.same_caption_matches,
-                             region_boxes_only=regions is not None and regions.boxes_only)
+                             region_boxes_only=regions is not None and regions.boxes_only,
+                             hard_negatives=self.hard_negatives,
+                             without_mlm=[name for name, source in self.sources.items() if not source.mlm])
         return weighted_total(losses, self.sources), losses
 
 
@@ -346,7 +366,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         start_step, data_states, rng = state["step"], state["data"], state["rng"]
         log.info("resuming from %s at step %d", resume_dir, start_step)
     # Shard/wrap first: FSDP replaces the parameters, so the optimizer is built on the result.
-    objective = wrap_parallel(PretrainObjective(model, cfg.sources, cfg.same_caption_matches), cfg, dist_info)
+    objective = wrap_parallel(PretrainObjective(model, cfg.sources, cfg.same_caption_matches, cfg.itm_negatives == "hard"), cfg, dist_info)
     optimizer = build_optimizer(model, cfg.optimizer, new_params)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.schedule)
     if state is not None:
