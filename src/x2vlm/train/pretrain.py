@@ -88,8 +88,9 @@ class PretrainConfig:
     # activation memory for about a third more compute; the same values and gradients.
     grad_checkpointing: bool = False
     # Each parameter's AdamW step runs as soon as backward has its gradient, which is then freed
-    # (train.optim.StepInBackward): the whole model's gradients never exist at once (x2vlm-base: about
-    # 1 GB less at the peak). The same updates; needs grad_clip 0, accumulate 1 and one process.
+    # (train.optim.StepInBackward): the whole model's gradients (x2vlm-base: 1 GB) never exist at
+    # once, which lowers the peak where it comes during backward (with grad_checkpointing; README).
+    # The same updates; needs grad_clip 0, accumulate 1 and one process.
     step_in_backward: bool = False
     # Towers kept as initialised ("vision", "text"; X2VLM.freeze), their outputs memoized per distinct
     # input with memoize_frozen: a stage that trains only the fusion and heads (the small world's
