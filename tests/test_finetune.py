@@ -45,7 +45,7 @@ class ToySet:
 
 
 def build_toy_task(data, model_cfg, tokenizer, where):
-    check_keys(data, {"train_size"}, where)
+    check_keys(data, {"train_size", "probe"}, where)
     res = model_cfg.image_res
     ids, mask = tokenizer(["is it bright"], max_length=8)
 
@@ -68,8 +68,16 @@ def build_toy_task(data, model_cfg, tokenizer, where):
         acc = (logits(model, val).argmax(-1) == val.labels).float().mean().item()
         return {"acc": 100 * acc, "split_len": float(len(val.labels))}
 
-    return FinetuneTask("toy", "classification", ToySet(data.get("train_size", 64), res), collate, loss, evaluate,
-                        ["val", "test"], "acc", model_changes={"num_labels": 2})
+    train_set = ToySet(data.get("train_size", 64), res)
+
+    @torch.no_grad()
+    def classifier_inputs(model, ctx: EvalContext):  # the training samples drawn with the seed of epoch 0
+        batch = collate([train_set.get(i, np.random.default_rng([42, 0, i])) for i in range(len(train_set))])
+        vision, vmask = model.encode_images(batch.images)
+        return model.encode_multimodal(batch.ids, batch.mask, vision, vmask)[:, 0], batch.labels
+
+    return FinetuneTask("toy", "classification", train_set, collate, loss, evaluate, ["val", "test"], "acc",
+                        model_changes={"num_labels": 2}, classifier_inputs=classifier_inputs if data.get("probe") else None)
 
 
 @pytest.fixture
@@ -133,7 +141,17 @@ def test_finetuning_selects_on_validation_and_writes_its_files(toy_module, tmp_p
     assert [s for s, _ in losses(run)] == list(range(1, 17))
 
 
-def test_interrupted_run_resumes_exactly(toy_module, tmp_path, monkeypatch):
+def warmup_rows(out_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "head_warmup_epoch" in r]
+
+
+WARMUP = {"data": {"train_size": 64, "probe": True}, "head_warmup": {"epochs": 30, "lr": 1e-2, "batch_size": 16}}
+
+
+@pytest.mark.parametrize("changes", [{}, WARMUP], ids=["plain", "head_warmup"])
+def test_interrupted_run_resumes_exactly(toy_module, tmp_path, monkeypatch, changes):
+    toy_config = lambda out_dir, **kw: globals()["toy_config"](out_dir, **changes, **kw)  # noqa: E731
     FT.run_finetuning(toy_config(tmp_path / "full", epochs=2, ckpt_every=3, keep_last=2))
     reference = losses(tmp_path / "full")
 
@@ -158,6 +176,30 @@ def test_interrupted_run_resumes_exactly(toy_module, tmp_path, monkeypatch):
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert full["results"] == cut["results"] and full["selection"] == cut["selection"]
+    # the warm-up ran once, before the first step: the resumed run took the head from its checkpoint
+    assert len(warmup_rows(tmp_path / "cut")) == len(warmup_rows(tmp_path / "full")) == (30 if changes else 0)
+
+
+def test_head_warmup_fits_the_new_head_before_fine_tuning(toy_module, tmp_path, caplog):
+    for bad, message in (({"epochs": -1}, "head_warmup.epochs must be an integer >= 0"), ({"lr": 0}, "head_warmup.lr must be positive"),
+                         ({"batch_size": 0}, "head_warmup.batch_size must be an integer >= 1"), ({"epoch": 2}, "head_warmup: unknown key")):
+        with pytest.raises(ValueError, match=message):
+            FT.build_finetune_config({"task": "toy", "head_warmup": bad}, "f.yaml")
+    with pytest.raises(ValueError, match="toy: head_warmup needs a task whose head classifies fused features"):
+        FT.run_finetuning(toy_config(tmp_path / "no_inputs", head_warmup={"epochs": 1}))
+
+    FT.run_finetuning(toy_config(tmp_path / "plain", epochs=1, **{k: v for k, v in WARMUP.items() if k != "head_warmup"}))
+    FT.run_finetuning(toy_config(tmp_path / "warm", epochs=1, **WARMUP))
+    rows = warmup_rows(tmp_path / "warm")
+    assert [r["head_warmup_epoch"] for r in rows] == list(range(1, 31)) and warmup_rows(tmp_path / "plain") == []
+    assert rows[-1]["head_warmup_loss"] < rows[0]["head_warmup_loss"] and rows[-1]["head_warmup_acc"] > 90
+    # fine-tuning starts from the fitted head: its first loss is far below a random head's
+    assert losses(tmp_path / "warm")[0][1] < 0.5 * losses(tmp_path / "plain")[0][1]
+
+    # a head the initialisation loaded is not refitted
+    with caplog.at_level("INFO"):
+        FT.run_finetuning(toy_config(tmp_path / "loaded", epochs=1, init=f"ours:{tmp_path / 'warm' / 'best'}", **WARMUP))
+    assert "head warm-up skipped: the initialisation loaded cls_head" in caplog.text and warmup_rows(tmp_path / "loaded") == []
 
 
 def test_evaluate_command_checks_the_model_task(toy_module, tmp_path):

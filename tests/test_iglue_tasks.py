@@ -181,6 +181,11 @@ def test_xvnli_per_language_metrics_and_mean(xvnli_files, tokenizer, tiny_state,
     assert X.build_task({**data, "selection_metric": "de/acc"}, preset("x2vlm-tiny"), tokenizer, "data").selection_metric == "de/acc"
     with pytest.raises(FileNotFoundError, match=r"key 'test_file.fr': no file"):
         X.build_task({**data, "test_file": {"fr": str(tmp_path / "no.jsonl")}}, preset("x2vlm-tiny"), tokenizer, "data")
+    features, labels = task.classifier_inputs(model, ctx)  # the head warm-up's inputs: what the head reads
+    assert labels.tolist() == [1, 0, 2, 1, 0] and features.shape == (5, model.cfg.text.hidden_size)
+    train_preds = X.predict_xvnli(model, task.train_set.items, list(range(5)), tokenizer, 64, 16, "train", batch_size=2)
+    with torch.no_grad():
+        assert np.array_equal(model.classify(features).argmax(-1).numpy(), train_preds)
     moved = X.build_task({**data, "image_root": str(tmp_path)}, preset("x2vlm-tiny"), tokenizer, "data")
     with pytest.raises(FileNotFoundError, match=r"1000092795\.jpg \(field 'Flikr30kID' of .*en.jsonl\)"):
         moved.train_set.get(0, np.random.default_rng(0))
@@ -335,12 +340,16 @@ def test_finetune_and_evaluate_through_the_cli(iglue_task, model_kind, xvnli_fil
     run = tmp_path / "run"
     config = {"task": cli_task, **model, "data": data, "out_dir": str(run), "precision": "fp32", "tensorboard": False, "max_steps": 2,
               "batch_size": 2, "eval_every": 1, "eval_batch_size": 4, "log_every": 1}
+    if iglue_task != "xgqa":  # the classifiers' head warm-up runs through the CLI too
+        config["head_warmup"] = {"epochs": 2, "batch_size": 2}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert cli_main(["finetune", cli_task, "--config", str(tmp_path / "run.yaml")]) == 0
     summary = json.loads((run / "metrics.json").read_text())
     check_per_language(summary["results"]["test"], languages)
     history = summary["validation_history"]
     assert [h["step"] for h in history] == [1, 2] and summary["selection"]["metric"] == max(h["acc"] for h in history)
+    warmup = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "head_warmup_epoch" in line]
+    assert [r["head_warmup_epoch"] for r in warmup] == ([] if iglue_task == "xgqa" else [1, 2])
     saved = json.loads((run / "best" / "config.json").read_text())
     assert saved["cross_num_layers"] == (2 if model_kind == "multilingual" else 0)
     assert saved["task"] == {"xvnli": "classification", "xgqa": "vqa", "marvl": "nlvr"}[iglue_task]

@@ -152,3 +152,21 @@ def test_statement_text_layers_run_once_for_both_images(tiny_state):
         cls = [model.encode_multimodal(ids, mask, *model.encode_images(images))[:, 0] for images in (left, right)]
         expected = model.classify(torch.cat(cls, dim=-1))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_inputs_are_what_the_head_reads_at_evaluation(world, tokenizer, tiny_state):
+    """The head warm-up's inputs: one fused-CLS pair per training statement, in order, at the
+    evaluation transform; the head on them gives exactly the evaluation's logits."""
+    task = N.build_task(world_data(world), preset("x2vlm-tiny"), tokenizer, "data")
+    model = tiny_nlvr_model(tiny_state)
+    torch.nn.init.normal_(model.cls_head[3].weight, std=1.0)  # spread the predictions over both labels
+    items = task.train_set.items
+    features, labels = task.classifier_inputs(model, EvalContext(DistInfo(), batch_size=3))
+    assert features.shape == (len(items), 2 * model.cfg.text.hidden_size) and features.dtype == torch.float32
+    assert labels.tolist() == [it.label for it in items]
+    preds = N.predict_nlvr(model, items, range(len(items)), str(world / "images"), tokenizer, 64, 24, "train", batch_size=5)
+    with torch.no_grad():
+        assert np.array_equal(model.classify(features).argmax(-1).numpy(), preds)
+        first = [task.train_set.items[0]]
+        inputs = next(N._eval_inputs(model, first, [0], str(world / "images"), tokenizer, 64, 24, lambda i: "train", 1))
+        torch.testing.assert_close(model.classify(features[:1]), model.nlvr_logits(*inputs))

@@ -333,16 +333,20 @@ class X2VLM(nn.Module):
         """Classification logits from a fused CLS vector (NLVR2: two of them concatenated)."""
         return self.cls_head(fused_cls)
 
-    def nlvr_logits(self, left_images: torch.Tensor, right_images: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """NLVR2: both images encoded in one batch, the statement's text layers run once and fused
-        with each image, CLS pair -> 2 logits."""
+    def nlvr_features(self, left_images: torch.Tensor, right_images: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """NLVR2's classifier input (B, 2H): both images encoded in one batch, the statement's text
+        layers run once and fused with each image, the two fused CLS vectors concatenated."""
         embeds, vmask = self.encode_images(torch.cat([left_images, right_images]))
         left, right = embeds.chunk(2)
         left_mask, right_mask = vmask.chunk(2)
         text = self.encode_text(input_ids, mask)
         fused_left = self.fuse(text, mask, left, left_mask)
         fused_right = self.fuse(text, mask, right, right_mask)
-        return self.classify(torch.cat([fused_left[:, 0], fused_right[:, 0]], dim=-1))
+        return torch.cat([fused_left[:, 0], fused_right[:, 0]], dim=-1)
+
+    def nlvr_logits(self, left_images: torch.Tensor, right_images: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """NLVR2: the CLS pair of ``nlvr_features`` -> 2 logits."""
+        return self.classify(self.nlvr_features(left_images, right_images, input_ids, mask))
 
     # -- VQA answer decoder ----------------------------------------------------------------------
     def answer_logits(

@@ -68,6 +68,10 @@ class FinetuneTask:
     # (``x2vlm.inference``) computes what the evaluation computes: the answer list or label names
     # and the evaluation settings (``inference.json``).
     inference_files: dict[str, Any] = field(default_factory=dict)
+    # Optional, for tasks whose head classifies fused features (``model.classify``: NLVR2, XVNLI):
+    # (features, labels) of every training item at the evaluation transform, the same on every
+    # rank; the fine-tuning's head warm-up (``head_warmup``) fits the new head on them.
+    classifier_inputs: Callable[[torch.nn.Module, EvalContext], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # -- values of a task's data section (errors name ``where`` and the key) -------------------------------

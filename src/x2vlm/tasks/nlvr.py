@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ from x2vlm.tasks.common import (
     evaluate_eval_set,
     evenly_spaced_subset,
     file_or_language_files,
+    gather_tensors,
     load_eval_sets,
     model_device,
     optional_positive_int_key,
@@ -175,22 +177,44 @@ def nlvr_loss(model, batch: NLVRBatch, generator: torch.Generator) -> dict[str, 
     return {"cls": F.cross_entropy(logits.float(), batch.labels)}
 
 
+def _eval_inputs(model, items: list[NLVRItem], indices: list[int], image_root: str | None, tokenizer: WordPieceTokenizer,
+                 res: int, max_tokens: int, source: Callable[[int], str], batch_size: int):
+    """Batches (left, right, ids, mask) of ``items[i]`` for i in ``indices`` at the evaluation
+    transform, on the model's device; ``source(i)`` names item i's file in errors."""
+    transform, device = EvalTransform(res), model_device(model)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        left = torch.stack([transform(_load(image_root, items[i].left, source(i), "images[0]")) for i in chunk])
+        right = torch.stack([transform(_load(image_root, items[i].right, source(i), "images[1]")) for i in chunk])
+        ids, mask = tokenizer([items[i].text for i in chunk], max_length=max_tokens)
+        yield left.to(device), right.to(device), ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def predict_nlvr(model, items: list[NLVRItem], indices, image_root: str | None, tokenizer: WordPieceTokenizer,
                  res: int, max_tokens: int, source: str, batch_size: int = 64, autocast=None) -> np.ndarray:
     """Predicted labels (0/1) of ``items[i]`` for i in ``indices``."""
-    transform, device = EvalTransform(res), model_device(model)
-    indices = list(indices)
     preds = []
-    for start in range(0, len(indices), batch_size):
-        chunk = [items[i] for i in indices[start : start + batch_size]]
-        left = torch.stack([transform(_load(image_root, it.left, source, "images[0]")) for it in chunk]).to(device)
-        right = torch.stack([transform(_load(image_root, it.right, source, "images[1]")) for it in chunk]).to(device)
-        ids, mask = tokenizer([it.text for it in chunk], max_length=max_tokens)
+    for inputs in _eval_inputs(model, items, list(indices), image_root, tokenizer, res, max_tokens, lambda i: source, batch_size):
         with autocast() if autocast else nullcontext():
-            logits = model.nlvr_logits(left, right, ids.to(device), mask.to(device))
+            logits = model.nlvr_logits(*inputs)
         preds.append(logits.argmax(dim=-1).cpu().numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+@torch.no_grad()
+def nlvr_classifier_inputs(model, items: list[NLVRItem], sources: list[str], image_root: str | None, tokenizer: WordPieceTokenizer,
+                           res: int, max_tokens: int, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, 2H) float32, labels (N,)) of every item at the evaluation transform, for the head
+    warm-up: each rank computes its share, every rank returns all of them in item order."""
+    mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
+    features = []
+    for inputs in _eval_inputs(model, items, mine, image_root, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size):
+        with ctx.autocast() if ctx.autocast else nullcontext():
+            features.append(model.nlvr_features(*inputs).float())
+    local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))
+    labels = torch.tensor([items[i].label for i in mine], dtype=torch.long, device=local.device)
+    return gather_tensors(local, ctx.dist_info), gather_tensors(labels, ctx.dist_info)
 
 
 def evaluate_nlvr(model, items: list[NLVRItem], image_root: str | None, tokenizer: WordPieceTokenizer, res: int,
@@ -237,6 +261,9 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
 
         return evaluate_eval_set("nlvr", eval_sets, split, evaluate_file)
 
+    def classifier_inputs(model, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return nlvr_classifier_inputs(model, train_items, train_sources, image_root, tokenizer, model_cfg.image_res, max_tokens, ctx)
+
     return FinetuneTask(
         name="nlvr",
         model_task="nlvr",
@@ -247,6 +274,7 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         eval_splits=list(eval_sets),
         selection_metric="acc",
         inference_files={"inference.json": {"task": "nlvr", "max_tokens": max_tokens, "max_words": max_words}},
+        classifier_inputs=classifier_inputs,
     )
 
 

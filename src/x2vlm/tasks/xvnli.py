@@ -29,6 +29,7 @@ Data section of the fine-tuning YAML::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from x2vlm.tasks.common import (
     evenly_spaced_subset,
     extra_eval_files_key,
     file_or_language_files,
+    gather_tensors,
     grouped_order,
     load_eval_sets,
     model_device,
@@ -143,38 +145,68 @@ def make_collate(tokenizer: Tokenizer, max_tokens: int):
     return collate
 
 
-def xvnli_logits(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                 image_index: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 3) from the fused CLS of each hypothesis with its image (``image_index`` picks each
-    hypothesis's image among ``images``; default i -> i)."""
+def xvnli_features(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                   image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H): the fused CLS of each hypothesis with its image (``image_index`` picks each
+    hypothesis's image among ``images``; default i -> i), the classifier's input."""
     embeds, vision_mask = model.encode_images(images)
     if image_index is not None:
         embeds, vision_mask = embeds[image_index], vision_mask[image_index]
-    return model.classify(model.encode_multimodal(text_ids, text_mask, embeds, vision_mask)[:, 0])
+    return model.encode_multimodal(text_ids, text_mask, embeds, vision_mask)[:, 0]
+
+
+def xvnli_logits(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                 image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3) from ``xvnli_features``."""
+    return model.classify(xvnli_features(model, images, text_ids, text_mask, image_index))
 
 
 def xvnli_loss(model, batch: XVNLIBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"cls": F.cross_entropy(xvnli_logits(model, batch.images, batch.text_ids, batch.text_mask).float(), batch.labels)}
 
 
+def _eval_inputs(model, items: list[XVNLIItem], indices: list[int], tokenizer: Tokenizer, res: int, max_tokens: int,
+                 source: Callable[[int], str], batch_size: int):
+    """Batches (pixels, ids, mask, image_index) of ``items[i]`` for i in ``indices`` at the evaluation
+    transform, each image encoded once per batch; ``source(i)`` names item i's file in errors."""
+    transform, device = EvalTransform(res), model_device(model)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        first = {}
+        for i in chunk:
+            first.setdefault(items[i].image, i)
+        pixels = torch.stack([transform(_load(items[i], source(i))) for i in first.values()]).to(device)
+        slot = {image: k for k, image in enumerate(first)}
+        image_index = torch.tensor([slot[items[i].image] for i in chunk], device=device)
+        ids, mask = tokenizer([items[i].text for i in chunk], max_length=max_tokens)
+        yield pixels, ids.to(device), mask.to(device), image_index
+
+
 @torch.no_grad()
 def predict_xvnli(model, items: list[XVNLIItem], indices: list[int], tokenizer: Tokenizer, res: int, max_tokens: int, source: str,
                   batch_size: int = 64, autocast=None) -> np.ndarray:
     """Predicted labels of ``items[i]`` for i in ``indices``; each image is encoded once per batch."""
-    transform, device = EvalTransform(res), model_device(model)
     preds = []
-    for start in range(0, len(indices), batch_size):
-        chunk = [items[i] for i in indices[start : start + batch_size]]
-        images = list(dict.fromkeys(it.image for it in chunk))
-        by_image = {it.image: it for it in chunk}
-        pixels = torch.stack([transform(_load(by_image[image], source)) for image in images]).to(device)
-        slot = {image: i for i, image in enumerate(images)}
-        image_index = torch.tensor([slot[it.image] for it in chunk], device=device)
-        ids, mask = tokenizer([it.text for it in chunk], max_length=max_tokens)
+    for inputs in _eval_inputs(model, items, list(indices), tokenizer, res, max_tokens, lambda i: source, batch_size):
         with autocast() if autocast else nullcontext():
-            logits = xvnli_logits(model, pixels, ids.to(device), mask.to(device), image_index)
+            logits = xvnli_logits(model, *inputs)
         preds.append(logits.argmax(dim=-1).cpu().numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+@torch.no_grad()
+def xvnli_classifier_inputs(model, items: list[XVNLIItem], sources: list[str], tokenizer: Tokenizer, res: int, max_tokens: int,
+                            ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, H) float32, labels (N,)) of every item at the evaluation transform, for the head
+    warm-up: each rank computes its share, every rank returns all of them in item order."""
+    mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
+    features = []
+    for inputs in _eval_inputs(model, items, mine, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size):
+        with ctx.autocast() if ctx.autocast else nullcontext():
+            features.append(xvnli_features(model, *inputs).float())
+    local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))
+    labels = torch.tensor([items[i].label for i in mine], dtype=torch.long, device=local.device)
+    return gather_tensors(local, ctx.dist_info), gather_tensors(labels, ctx.dist_info)
 
 
 def evaluate_xvnli(model, items: list[XVNLIItem], tokenizer: Tokenizer, res: int, max_tokens: int, source: str,
@@ -223,6 +255,9 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
 
         return evaluate_eval_set("xvnli", eval_sets, split, evaluate_file)
 
+    def classifier_inputs(model, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return xvnli_classifier_inputs(model, train_items, train_sources, tokenizer, model_cfg.image_res, max_tokens, ctx)
+
     return FinetuneTask(
         name="xvnli",
         model_task="classification",
@@ -234,4 +269,5 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
         selection_metric=selection_metric,
         model_changes={"num_labels": len(LABEL_NAMES)},
         inference_files={"inference.json": {"task": "xvnli", "max_tokens": max_tokens, "max_words": max_words}},
+        classifier_inputs=classifier_inputs,
     )

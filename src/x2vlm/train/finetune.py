@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -54,6 +55,22 @@ TASK_MODULES = {
 }
 
 BEST = "best"  # directory under out_dir holding the selected weights
+
+
+@dataclass
+class HeadWarmupConfig:
+    """Fit a newly initialised classifier head on frozen features before fine-tuning (linear probing
+    then fine-tuning, "LP-FT", Kumar et al. 2022): the classifier inputs of every training item
+    (evaluation transform, encoders as initialised) are computed once, the head alone trains on them
+    for ``epochs`` with AdamW, then fine-tuning starts from the fitted head instead of a random one,
+    whose gradients would otherwise move the pre-trained encoders the most in the first steps. For
+    tasks whose head classifies fused features (NLVR2, XVNLI); ``epochs: 0`` (the default, as the
+    official fine-tuning) skips it."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 64
 
 
 @dataclass
@@ -88,9 +105,10 @@ class FinetuneConfig:
     keep_last: int = 1
     num_workers: int = 0
     tensorboard: bool = True
+    head_warmup: HeadWarmupConfig = field(default_factory=HeadWarmupConfig)
 
 
-_SECTIONS = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig}
+_SECTIONS = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "head_warmup": HeadWarmupConfig}
 
 
 def build_finetune_config(data: Any, where: str) -> FinetuneConfig:
@@ -101,6 +119,12 @@ def build_finetune_config(data: Any, where: str) -> FinetuneConfig:
     if cfg.task not in TASK_MODULES:
         raise ValueError(f"{where}: task {cfg.task!r} unknown; known: {', '.join(TASK_MODULES)}")
     check_towers(cfg.freeze, where)
+    warm = cfg.head_warmup
+    for key, value in (("epochs", warm.epochs), ("batch_size", warm.batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "epochs" else 1):
+            raise ValueError(f"{where}: head_warmup.{key} must be an integer >= {0 if key == 'epochs' else 1}, got {value!r}")
+    if not warm.lr > 0:
+        raise ValueError(f"{where}: head_warmup.lr must be positive, got {warm.lr!r}")
     return cfg
 
 
@@ -253,6 +277,9 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
         state = load_training_checkpoint(resume_dir, model, dist_info)
         history, best = state["history"], state["best"]
         log.info("resuming from %s at step %d", resume_dir, state["step"])
+    metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
+    if state is None and cfg.head_warmup.epochs:
+        warm_up_head(model, task, cfg, ctx, new_params, metrics)
     objective = _wrap(model, task.loss, dist_info)
     optimizer = build_optimizer(model, cfg.optimizer, new_params)
     scheduler = build_scheduler(optimizer, total_steps, cfg.schedule)
@@ -264,7 +291,6 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     config_text = config_to_yaml(cfg)
     if dist_info.is_main:
         (out_dir / "run.yaml").write_text(config_text)
-    metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
     peak = measure_matmul_peak(dist_info.device, precision)
     autocast = _autocast_factory(precision, dist_info.device)
     step_flops: int | None = None
@@ -335,6 +361,46 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     metrics.close()
     cleanup()
     return result
+
+
+def warm_up_head(model: X2VLM, task: FinetuneTask, cfg: FinetuneConfig, ctx: EvalContext, new_params: list[str],
+                 metrics: MetricsWriter) -> None:
+    """``head_warmup`` (see HeadWarmupConfig): fit ``model.cls_head`` alone on the task's classifier
+    inputs. Every rank holds all the inputs and the same seed, so every rank fits the same head.
+    A head the initialisation loaded (not newly initialised) is left as it is."""
+    warm = cfg.head_warmup
+    if task.classifier_inputs is None:
+        raise ValueError(f"{cfg.task}: head_warmup needs a task whose head classifies fused features (nlvr, xvnli)")
+    head = model.cls_head
+    names = [f"cls_head.{n}" for n, _ in head.named_parameters()]
+    if not set(names) <= set(new_params):
+        log.info("head warm-up skipped: the initialisation loaded cls_head")
+        return
+    start = time.perf_counter()
+    model.eval()
+    features, labels = task.classifier_inputs(model, ctx)
+    feature_time = time.perf_counter() - start
+    optimizer = torch.optim.AdamW(head.parameters(), lr=warm.lr, weight_decay=warm.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    head.train()
+    for epoch in range(1, warm.epochs + 1):
+        loss_sum, correct = 0.0, 0
+        for rows in torch.randperm(len(labels), generator=generator).split(warm.batch_size):
+            rows = rows.to(labels.device)
+            logits = model.classify(features[rows]).float()
+            loss = F.cross_entropy(logits, labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(rows)
+            correct += (logits.argmax(-1) == labels[rows]).sum().item()
+        record = {"head_warmup_epoch": epoch, "head_warmup_loss": loss_sum / len(labels), "head_warmup_acc": 100.0 * correct / len(labels)}
+        metrics.write(record, tb_step=epoch)
+        log.debug("head warm-up epoch %d/%d loss %.4f train acc %.1f%%", epoch, warm.epochs, record["head_warmup_loss"], record["head_warmup_acc"])
+    head.zero_grad(set_to_none=True)
+    log.info("head warm-up: classifier inputs of %d training items in %.1f s, %d epochs in %.1f s; last epoch loss %.4f, train acc %.1f%%",
+             len(labels), feature_time, warm.epochs, time.perf_counter() - start - feature_time, record["head_warmup_loss"],
+             record["head_warmup_acc"])
 
 
 def finish(cfg: FinetuneConfig, task: FinetuneTask, out_dir: Path, ctx: EvalContext, history: list, best: dict,

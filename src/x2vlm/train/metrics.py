@@ -36,13 +36,14 @@ class MetricsWriter:
             else:
                 self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], tb_step: int | None = None) -> None:
+        """Append ``record`` to the jsonl file (and TensorBoard, at ``tb_step`` or the record's ``step``)."""
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            step = int(record.get("step", 0))
+            step = int(record.get("step", 0)) if tb_step is None else tb_step
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, step)
