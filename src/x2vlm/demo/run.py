@@ -62,7 +62,7 @@ class DemoTask:
 DEMO_TASKS: tuple[DemoTask, ...] = (
     DemoTask("retrieval", "retrieval", "retrieval_small_world.yaml", 55),
     DemoTask("vqa", "vqa", "vqa_small_world.yaml", 40),
-    DemoTask("nlvr", "nlvr", "nlvr2_small_world.yaml", 40),
+    DemoTask("nlvr", "nlvr", "nlvr2_small_world.yaml", 45),
     DemoTask("grounding", "grounding", "grounding_small_world.yaml", 55),
     DemoTask("captioning", "captioning", "captioning_small_world.yaml", 55),
     DemoTask("video_retrieval", "retrieval", "video_retrieval_small_world.yaml", 40),
