@@ -1,4 +1,5 @@
 import importlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ThreadGather:
+    """All-gather between threads that play the ranks of one process group (concatenation in rank order)."""
+
+    def __init__(self, world_size: int):
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.slots: list = [None] * world_size
+
+    def for_rank(self, rank: int):
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = local
+            self.barrier.wait()
+            out = torch.cat(self.slots)
+            self.barrier.wait()  # everyone has read before the next round writes
+            return out
+        return gather

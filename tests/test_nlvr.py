@@ -4,6 +4,7 @@ tiny world."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ThreadGather
 from x2vlm.checkpoint import load_official
 from x2vlm.config import preset
 from x2vlm.data.readers import DataFormatError
@@ -170,3 +172,41 @@ def test_classifier_inputs_are_what_the_head_reads_at_evaluation(world, tokenize
         first = [task.train_set.items[0]]
         inputs = next(N._eval_inputs(model, first, [0], str(world / "images"), tokenizer, 64, 24, lambda i: "train", 1))
         torch.testing.assert_close(model.classify(features[:1]), model.nlvr_logits(*inputs))
+
+
+def test_classifier_inputs_split_across_ranks_equal_one_process(world, tokenizer, tiny_state, monkeypatch):
+    """Each rank computes its share of the warm-up inputs; after the gather every rank holds all of
+    them, in item order, as one process computes them."""
+    task = N.build_task(world_data(world), preset("x2vlm-tiny"), tokenizer, "data")
+    model = tiny_nlvr_model(tiny_state)
+    whole = task.classifier_inputs(model, EvalContext(DistInfo(), batch_size=4))
+    computed: dict[int, int] = {}
+    real_features = model.nlvr_features
+
+    def counting(left, *args):
+        computed[threading.get_ident()] = computed.get(threading.get_ident(), 0) + len(left)
+        return real_features(left, *args)
+
+    monkeypatch.setattr(model, "nlvr_features", counting)
+    world_size = 3
+    gather = ThreadGather(world_size)
+    monkeypatch.setattr(N, "gather_tensors", lambda local, info: gather.for_rank(info.rank)(local))
+    results, errors = {}, []
+
+    def run(rank: int):
+        try:
+            results[rank] = task.classifier_inputs(model, EvalContext(DistInfo(rank=rank, world_size=world_size), batch_size=4))
+        except Exception as err:  # noqa: BLE001 - any failure must release the other threads; surfaced below
+            errors.append(err)
+            gather.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for features, labels in results.values():
+        torch.testing.assert_close(features, whole[0], atol=1e-5, rtol=0)
+        assert torch.equal(labels, whole[1])
+    assert sorted(computed.values()) == sorted(len(N.shard_range(len(whole[1]), r, world_size)) for r in range(world_size))

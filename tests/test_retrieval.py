@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny, tiny_finetune_config
+from conftest import ThreadGather, build_tiny, tiny_finetune_config
 
 from x2vlm.tasks.retrieval import (
     NOT_A_CANDIDATE,
@@ -316,23 +316,6 @@ def test_chunked_evaluation_equals_unchunked(tiny_state):
     for a, b in ((whole.sims, chunked.sims), (whole.score_i2t, chunked.score_i2t), (whole.score_t2i, chunked.score_t2i)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert torch.equal(whole.score_i2t == NOT_A_CANDIDATE, chunked.score_i2t == NOT_A_CANDIDATE)
-
-
-class ThreadGather:
-    """All-gather between threads that play the ranks of one process group (concatenation in rank order)."""
-
-    def __init__(self, world_size: int):
-        self.barrier = threading.Barrier(world_size, timeout=60)
-        self.slots: list = [None] * world_size
-
-    def for_rank(self, rank: int):
-        def gather(local: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = local
-            self.barrier.wait()
-            out = torch.cat(self.slots)
-            self.barrier.wait()  # everyone has read before the next round writes
-            return out
-        return gather
 
 
 @torch.no_grad()

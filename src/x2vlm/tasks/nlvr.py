@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -50,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import DataFormatError, read_marvl, read_nlvr2
@@ -209,7 +211,9 @@ def nlvr_classifier_inputs(model, items: list[NLVRItem], sources: list[str], ima
     warm-up: each rank computes its share, every rank returns all of them in item order."""
     mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
     features = []
-    for inputs in _eval_inputs(model, items, mine, image_root, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size):
+    batches = _eval_inputs(model, items, mine, image_root, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size)
+    for inputs in tqdm(batches, total=math.ceil(len(mine) / ctx.batch_size), desc="nlvr: head warm-up inputs", disable=not ctx.dist_info.is_main,
+                       leave=False):
         with ctx.autocast() if ctx.autocast else nullcontext():
             features.append(model.nlvr_features(*inputs).float())
     local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))

@@ -29,6 +29,7 @@ Data section of the fine-tuning YAML::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import XVNLI_LABELS, DataFormatError, read_xvnli
@@ -201,7 +203,9 @@ def xvnli_classifier_inputs(model, items: list[XVNLIItem], sources: list[str], t
     warm-up: each rank computes its share, every rank returns all of them in item order."""
     mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
     features = []
-    for inputs in _eval_inputs(model, items, mine, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size):
+    batches = _eval_inputs(model, items, mine, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size)
+    for inputs in tqdm(batches, total=math.ceil(len(mine) / ctx.batch_size), desc="xvnli: head warm-up inputs", disable=not ctx.dist_info.is_main,
+                       leave=False):
         with ctx.autocast() if ctx.autocast else nullcontext():
             features.append(xvnli_features(model, *inputs).float())
     local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))

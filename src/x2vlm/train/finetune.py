@@ -383,7 +383,7 @@ def warm_up_head(model: X2VLM, task: FinetuneTask, cfg: FinetuneConfig, ctx: Eva
     optimizer = torch.optim.AdamW(head.parameters(), lr=warm.lr, weight_decay=warm.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     head.train()
-    for epoch in range(1, warm.epochs + 1):
+    for epoch in tqdm(range(1, warm.epochs + 1), desc=f"{cfg.task}: head warm-up", disable=not ctx.dist_info.is_main, leave=False):
         loss_sum, correct = 0.0, 0
         for rows in torch.randperm(len(labels), generator=generator).split(warm.batch_size):
             rows = rows.to(labels.device)
