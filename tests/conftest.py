@@ -108,3 +108,20 @@ class ThreadGather:
             self.barrier.wait()  # everyone has read before the next round writes
             return out
         return gather
+
+
+def integer_row_gathers(tensor: torch.Tensor) -> int:
+    """How many ``x[integer index]`` nodes ``tensor``'s autograd graph holds: their backward
+    (``index_put_`` with accumulate) adds float32 rows with atomics from several CPU threads, in an
+    order that changes from run to run when an index repeats. Boolean masks select each row at most
+    once, so their backward is deterministic and they are not counted."""
+    count, seen, stack = 0, set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "IndexBackward0":
+            count += any(index is not None and index.dtype != torch.bool for index in node._saved_indices)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count

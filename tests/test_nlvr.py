@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ThreadGather
+from conftest import ThreadGather, integer_row_gathers
 from x2vlm.checkpoint import load_official
 from x2vlm.config import preset
 from x2vlm.data.readers import DataFormatError
@@ -115,6 +115,7 @@ def test_loss_and_evaluation_on_the_tiny_world(world, tokenizer, tiny_state):
     model.train()
     losses = task.loss(model, batch, torch.Generator().manual_seed(0))
     assert set(losses) == {"cls"} and torch.isfinite(losses["cls"])
+    assert integer_row_gathers(losses["cls"]) == 0  # a deterministic backward (conftest)
     losses["cls"].backward()
     assert model.cls_head[0].weight.grad.abs().sum() > 0
     model.eval()

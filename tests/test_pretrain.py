@@ -380,3 +380,22 @@ def test_localization_stage_trains_only_the_box_losses_on_frozen_towers(tmp_path
     assert towers and all(torch.equal(init[n], last[n]) for n in towers)
     fusion = f"text_encoder.encoder.layer.{model.num_text_layers}.crossattention.self.query.weight"
     assert not torch.equal(init[fusion], last[fusion]) and not torch.equal(init["bbox_head.0.weight"], last["bbox_head.0.weight"])
+
+
+def test_rows_are_gathered_with_a_deterministic_backward(tmp_path, data_dir, monkeypatch):
+    """``x[index]`` sends its gradient back through ``index_put_`` with accumulate, which on CPU adds
+    float32 rows from several threads with atomics, in an order that changes from run to run: a
+    pre-training run stopped being reproducible bit for bit once the text tower trained (its states
+    feed the ITM negatives). Every gather of rows in a training step goes through ``index_select``."""
+    from conftest import integer_row_gathers
+
+    real, counts = P.step_losses, []
+
+    def recording(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        counts.append(integer_row_gathers(sum(losses.values())))
+        return losses
+
+    monkeypatch.setattr(P, "step_losses", recording)
+    P.run_pretraining(P.build_pretrain_config(run_config(data_dir, tmp_path / "run", steps=1, precision="fp32"), "test"))
+    assert counts == [0]

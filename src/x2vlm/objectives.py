@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from x2vlm.models.layers import take_rows
 from x2vlm.models.x2vlm import X2VLM
 from x2vlm.train.distributed import all_reduce_sum
 
@@ -147,10 +148,10 @@ def matching_logits(
 ) -> torch.Tensor:
     """ITM logits (3B, 2) for positives, (negative image, text) and (image, negative text), in that
     order, in one fusion pass; every image keeps its own mask (a region its box mask)."""
-    vision = torch.cat([vision_embeds, vision_embeds[image_neg], vision_embeds])
-    vision_masks = torch.cat([vision_mask, vision_mask[image_neg], vision_mask])
-    text = torch.cat([text_states, text_states, text_states[text_neg]])
-    text_masks = torch.cat([text_mask, text_mask, text_mask[text_neg]])
+    vision = torch.cat([vision_embeds, take_rows(vision_embeds, image_neg), vision_embeds])
+    vision_masks = torch.cat([vision_mask, take_rows(vision_mask, image_neg), vision_mask])
+    text = torch.cat([text_states, text_states, take_rows(text_states, text_neg)])
+    text_masks = torch.cat([text_mask, text_mask, take_rows(text_mask, text_neg)])
     return model.itm_logits(model.fuse(text, text_masks, vision, vision_masks))
 
 

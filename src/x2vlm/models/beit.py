@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from x2vlm.config import VisionConfig
-from x2vlm.models.layers import DropPath, attention, linspace
+from x2vlm.models.layers import DropPath, attention, linspace, take_rows
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -141,7 +141,7 @@ class Attention(nn.Module):
 
     def position_bias(self) -> torch.Tensor:
         tokens = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = take_rows(self.relative_position_bias_table, self.relative_position_index.view(-1))
         return bias.view(tokens, tokens, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, return_probs: bool = False):
@@ -262,7 +262,7 @@ class VisionTransformer(nn.Module):
         full-image embeddings (B_img, 1+N, D).
         """
         image_embeds = self.forward(images)
-        patches = image_embeds[image_index, 1:]
+        patches = take_rows(image_embeds, image_index)[:, 1:]
         weights = region_mask[:, 1:].to(patches.dtype).unsqueeze(-1)
         region_token = (patches * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
         return torch.cat([region_token, patches], dim=1), image_embeds

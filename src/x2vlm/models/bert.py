@@ -27,6 +27,7 @@ from x2vlm.models.layers import (
     attention,
     linspace,
     padding_bias,
+    take_rows,
 )
 
 
@@ -244,7 +245,7 @@ class CrossKV:
         key, value = self.keys[index], self.values[index]
         if self.rows is None:
             return key, value
-        return key[self.rows], value[self.rows]
+        return take_rows(key, self.rows), take_rows(value, self.rows)
 
 
 class LayerStack(nn.Module):

@@ -107,6 +107,15 @@ def linspace(end: float, steps: int) -> list[float]:
     return [end * i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a 1-D integer ``index``, through ``index_select``: its backward (``index_add_``)
+    sums repeated rows in a fixed order. The backward of ``x[index]`` (``index_put_`` with accumulate)
+    adds float32 rows from several CPU threads with atomics, in an order that changes from run to run,
+    so a training run that gathers rows with it (ITM negatives, a region's image, BEiT's relative
+    position table) is not reproducible bit for bit; ``index_select`` is also the faster of the two."""
+    return x.index_select(0, index)
+
+
 def build_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     """The official head: Linear(in, 2in) -> LayerNorm -> GELU -> Linear(2in, out) (keys .0 .1 .3)."""
     return nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, out_dim))

@@ -22,7 +22,7 @@ from torch import nn
 from x2vlm.config import X2VLMConfig
 from x2vlm.models.beit import VisionTransformer
 from x2vlm.models.bert import CrossKV, MLMHead, TextTransformer
-from x2vlm.models.layers import build_mlp
+from x2vlm.models.layers import build_mlp, take_rows
 
 TOWERS = ("vision", "text")  # what ``X2VLM.freeze`` can freeze
 
@@ -198,7 +198,7 @@ class X2VLM(nn.Module):
         """Region embeddings ``[box mean, patches]`` (R, 1+N, D), their mask (the box mask, used as the
         cross-attention mask) and the full-image embeddings gathered per region (for box prediction)."""
         region_embeds, image_embeds = self.vision_encoder.region_forward(images, image_index, region_mask)
-        return region_embeds, region_mask, image_embeds[image_index]
+        return region_embeds, region_mask, take_rows(image_embeds, image_index)
 
     # -- text and fusion -----------------------------------------------------------------------
     @property

@@ -57,6 +57,7 @@ from x2vlm.data.readers import DataFormatError, read_ans2label, read_json, read_
 from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import decode_base64_frames, read_clip, sample_frame_indices
+from x2vlm.models.layers import take_rows
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
@@ -197,7 +198,7 @@ def answer_logits(model, videos: torch.Tensor, question_ids: torch.Tensor, quest
     each question's video among ``videos``; default i -> i)."""
     embeds, vision_mask = model.encode_videos(videos)
     if video_index is not None:
-        embeds, vision_mask = embeds[video_index], vision_mask[video_index]
+        embeds, vision_mask = take_rows(embeds, video_index), take_rows(vision_mask, video_index)
     fused = model.encode_multimodal(question_ids, question_mask, embeds, vision_mask)
     return model.classify(fused[:, 0])
 

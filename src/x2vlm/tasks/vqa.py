@@ -89,6 +89,7 @@ from x2vlm.data.text import pre_question
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import load_image
 from x2vlm.generation import rank_answers
+from x2vlm.models.layers import take_rows
 from x2vlm.tasks.common import (
     EvalContext,
     FinetuneTask,
@@ -235,7 +236,7 @@ def encode_questions(model, images: torch.Tensor, question_ids: torch.Tensor, qu
     (``image_index`` picks each question's image among ``images``; default: i -> i)."""
     embeds, vision_mask = model.encode_images(images)
     if image_index is not None:
-        embeds, vision_mask = embeds[image_index], vision_mask[image_index]
+        embeds, vision_mask = take_rows(embeds, image_index), take_rows(vision_mask, image_index)
     return model.encode_multimodal(question_ids, question_mask, embeds, vision_mask)
 
 

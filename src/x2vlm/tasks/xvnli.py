@@ -67,6 +67,7 @@ from x2vlm.tasks.common import (
     selection_metric_key,
     shard_range,
 )
+from x2vlm.models.layers import take_rows
 from x2vlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def xvnli_features(model, images: torch.Tensor, text_ids: torch.Tensor, text_mas
     hypothesis's image among ``images``; default i -> i), the classifier's input."""
     embeds, vision_mask = model.encode_images(images)
     if image_index is not None:
-        embeds, vision_mask = embeds[image_index], vision_mask[image_index]
+        embeds, vision_mask = take_rows(embeds, image_index), take_rows(vision_mask, image_index)
     return model.encode_multimodal(text_ids, text_mask, embeds, vision_mask)[:, 0]
 
 

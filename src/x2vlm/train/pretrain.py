@@ -40,6 +40,7 @@ from x2vlm.train.optim import (
     build_scheduler,
     check_step_in_backward,
 )
+from x2vlm.models.layers import take_rows
 from x2vlm.train.state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,8 @@ def aligning_losses(
     if compute_itm and len(rows) > 1:
         image_neg, text_neg = O.sample_negatives(vision_feat[rows], text_feat[rows], model.temp,
                                                  ids=None if ids is None else ids[rows], generator=generator, hard=hard_negatives)
-        logits = O.matching_logits(model, vision[rows], vision_mask[rows], text[rows], batch.text_mask[rows], image_neg, text_neg)
+        logits = O.matching_logits(model, take_rows(vision, rows), take_rows(vision_mask, rows), take_rows(text, rows),
+                                   take_rows(batch.text_mask, rows), image_neg, text_neg)
         losses["itm"] = O.matching_loss(logits)
     else:
         losses["itm"] = vision.new_zeros(())
