@@ -109,6 +109,28 @@ class ThreadGather:
             return out
         return gather
 
+    def run(self, work) -> dict[int, object]:
+        """``work(rank, gather)`` on one thread per rank; returns each rank's result. A failure on
+        one rank releases the others and is raised here."""
+        results: dict[int, object] = {}
+        errors: list[BaseException] = []
+
+        def run_rank(rank: int):
+            try:
+                results[rank] = work(rank, self.for_rank(rank))
+            except Exception as err:  # noqa: BLE001 - any failure must release the other threads; raised below
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=run_rank, args=(rank,)) for rank in range(len(self.slots))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
 
 def integer_row_gathers(tensor: torch.Tensor) -> int:
     """How many ``x[integer index]`` nodes ``tensor``'s autograd graph holds: their backward

@@ -190,23 +190,9 @@ def test_classifier_inputs_split_across_ranks_equal_one_process(world, tokenizer
 
     monkeypatch.setattr(model, "nlvr_features", counting)
     world_size = 3
-    gather = ThreadGather(world_size)
-    monkeypatch.setattr(N, "gather_tensors", lambda local, info: gather.for_rank(info.rank)(local))
-    results, errors = {}, []
-
-    def run(rank: int):
-        try:
-            results[rank] = task.classifier_inputs(model, EvalContext(DistInfo(rank=rank, world_size=world_size), batch_size=4))
-        except Exception as err:  # noqa: BLE001 - any failure must release the other threads; surfaced below
-            errors.append(err)
-            gather.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    gathers = ThreadGather(world_size)
+    monkeypatch.setattr(N, "gather_tensors", lambda local, info: gathers.for_rank(info.rank)(local))
+    results = gathers.run(lambda rank, gather: task.classifier_inputs(model, EvalContext(DistInfo(rank=rank, world_size=world_size), batch_size=4)))
     for features, labels in results.values():
         torch.testing.assert_close(features, whole[0], atol=1e-5, rtol=0)
         assert torch.equal(labels, whole[1])

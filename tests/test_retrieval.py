@@ -335,23 +335,8 @@ def test_sharded_evaluation_equals_one_process(tiny_state, monkeypatch):
 
     monkeypatch.setattr(R, "encode_vision_range", recording)
     world_size = 3
-    gather = ThreadGather(world_size)
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-
-    def run(rank: int):
-        try:
-            results[rank] = two_stage_retrieval(model, TensorVision(pixels), text_ids, text_mask, settings, Sharding(rank, world_size, gather.for_rank(rank)))
-        except Exception as err:  # noqa: BLE001 - any failure must release the other threads; surfaced below
-            errors.append(err)
-            gather.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = ThreadGather(world_size).run(lambda rank, gather: two_stage_retrieval(
+        model, TensorVision(pixels), text_ids, text_mask, settings, Sharding(rank, world_size, gather)))
     for rank in range(world_size):
         torch.testing.assert_close(results[rank].sims, whole.sims, atol=1e-5, rtol=0)
         torch.testing.assert_close(results[rank].score_i2t, whole.score_i2t, atol=1e-5, rtol=0)
