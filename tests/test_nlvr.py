@@ -191,7 +191,9 @@ def test_classifier_inputs_split_across_ranks_equal_one_process(world, tokenizer
     monkeypatch.setattr(model, "nlvr_features", counting)
     world_size = 3
     gathers = ThreadGather(world_size)
-    monkeypatch.setattr(N, "gather_tensors", lambda local, info: gathers.for_rank(info.rank)(local))
+    import x2vlm.tasks.common as C
+
+    monkeypatch.setattr(C, "gather_tensors", lambda local, info: gathers.for_rank(info.rank)(local))
     results = gathers.run(lambda rank, gather: task.classifier_inputs(model, EvalContext(DistInfo(rank=rank, world_size=world_size), batch_size=4)))
     for features, labels in results.values():
         torch.testing.assert_close(features, whole[0], atol=1e-5, rtol=0)

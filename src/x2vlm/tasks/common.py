@@ -17,14 +17,17 @@ A task is plain data plus functions, built by its module's ``build_task(...)``:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Hashable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from x2vlm.config import check_keys as check_keys  # a task validates its data section with it
 from x2vlm.train.distributed import DistInfo
@@ -321,3 +324,20 @@ def gather_tensors(local: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(dist_info.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def classifier_inputs_by_rank(model, labels: Sequence[int], batches: Callable[[list[int]], Any], features: Callable[..., torch.Tensor],
+                              ctx: EvalContext, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32, labels (N,)) of every item for the head warm-up: this rank computes
+    ``features(*inputs)`` for each batch of ``batches(its share of the item indices)``, then every rank
+    gets all of them in item order."""
+    mine = list(shard_range(len(labels), ctx.dist_info.rank, ctx.dist_info.world_size))
+    parts = []
+    for inputs in tqdm(batches(mine), total=math.ceil(len(mine) / ctx.batch_size), desc=f"{what}: head warm-up inputs",
+                       disable=not ctx.dist_info.is_main, leave=False):
+        with ctx.autocast() if ctx.autocast else nullcontext():
+            parts.append(features(*inputs).float())
+    local = torch.cat(parts) if parts else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))
+    mine_labels = torch.tensor([labels[i] for i in mine], dtype=torch.long, device=local.device)
+    return gather_tensors(local, ctx.dist_info), gather_tensors(mine_labels, ctx.dist_info)

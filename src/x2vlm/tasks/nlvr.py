@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -51,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import DataFormatError, read_marvl, read_nlvr2
@@ -63,6 +61,7 @@ from x2vlm.data.transforms import (
 )
 from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
+    classifier_inputs_by_rank,
     gathered_accuracy,
     EvalContext,
     FinetuneTask,
@@ -73,7 +72,6 @@ from x2vlm.tasks.common import (
     evaluate_eval_set,
     evenly_spaced_subset,
     file_or_language_files,
-    gather_tensors,
     load_eval_sets,
     model_device,
     optional_positive_int_key,
@@ -204,23 +202,6 @@ def predict_nlvr(model, items: list[NLVRItem], indices, image_root: str | None, 
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
-@torch.no_grad()
-def nlvr_classifier_inputs(model, items: list[NLVRItem], sources: list[str], image_root: str | None, tokenizer: WordPieceTokenizer,
-                           res: int, max_tokens: int, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, 2H) float32, labels (N,)) of every item at the evaluation transform, for the head
-    warm-up: each rank computes its share, every rank returns all of them in item order."""
-    mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
-    features = []
-    batches = _eval_inputs(model, items, mine, image_root, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size)
-    for inputs in tqdm(batches, total=math.ceil(len(mine) / ctx.batch_size), desc="nlvr: head warm-up inputs", disable=not ctx.dist_info.is_main,
-                       leave=False):
-        with ctx.autocast() if ctx.autocast else nullcontext():
-            features.append(model.nlvr_features(*inputs).float())
-    local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))
-    labels = torch.tensor([items[i].label for i in mine], dtype=torch.long, device=local.device)
-    return gather_tensors(local, ctx.dist_info), gather_tensors(labels, ctx.dist_info)
-
-
 def evaluate_nlvr(model, items: list[NLVRItem], image_root: str | None, tokenizer: WordPieceTokenizer, res: int,
                   max_tokens: int, source: str, ctx: EvalContext) -> dict[str, float]:
     """``acc`` (%): this rank's share predicted, then gathered; every rank returns the same."""
@@ -266,7 +247,11 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: WordPieceTokenizer
         return evaluate_eval_set("nlvr", eval_sets, split, evaluate_file)
 
     def classifier_inputs(model, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return nlvr_classifier_inputs(model, train_items, train_sources, image_root, tokenizer, model_cfg.image_res, max_tokens, ctx)
+        def batches(mine):
+            return _eval_inputs(model, train_items, mine, image_root, tokenizer, model_cfg.image_res, max_tokens,
+                                train_sources.__getitem__, ctx.batch_size)
+
+        return classifier_inputs_by_rank(model, [it.label for it in train_items], batches, model.nlvr_features, ctx, "nlvr")
 
     return FinetuneTask(
         name="nlvr",

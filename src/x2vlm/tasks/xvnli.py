@@ -29,7 +29,6 @@ Data section of the fine-tuning YAML::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from x2vlm.config import X2VLMConfig
 from x2vlm.data.readers import XVNLI_LABELS, DataFormatError, read_xvnli
@@ -46,6 +44,7 @@ from x2vlm.data.text import pre_caption
 from x2vlm.data.transforms import EvalTransform, FinetuneTrainTransform
 from x2vlm.data.video import load_image
 from x2vlm.tasks.common import (
+    classifier_inputs_by_rank,
     gathered_accuracy,
     EvalContext,
     FinetuneTask,
@@ -57,7 +56,6 @@ from x2vlm.tasks.common import (
     evenly_spaced_subset,
     extra_eval_files_key,
     file_or_language_files,
-    gather_tensors,
     grouped_order,
     load_eval_sets,
     model_device,
@@ -197,23 +195,6 @@ def predict_xvnli(model, items: list[XVNLIItem], indices: list[int], tokenizer: 
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
-@torch.no_grad()
-def xvnli_classifier_inputs(model, items: list[XVNLIItem], sources: list[str], tokenizer: Tokenizer, res: int, max_tokens: int,
-                            ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, H) float32, labels (N,)) of every item at the evaluation transform, for the head
-    warm-up: each rank computes its share, every rank returns all of them in item order."""
-    mine = list(shard_range(len(items), ctx.dist_info.rank, ctx.dist_info.world_size))
-    features = []
-    batches = _eval_inputs(model, items, mine, tokenizer, res, max_tokens, sources.__getitem__, ctx.batch_size)
-    for inputs in tqdm(batches, total=math.ceil(len(mine) / ctx.batch_size), desc="xvnli: head warm-up inputs", disable=not ctx.dist_info.is_main,
-                       leave=False):
-        with ctx.autocast() if ctx.autocast else nullcontext():
-            features.append(xvnli_features(model, *inputs).float())
-    local = torch.cat(features) if features else torch.zeros(0, model.cls_head[0].in_features, device=model_device(model))
-    labels = torch.tensor([items[i].label for i in mine], dtype=torch.long, device=local.device)
-    return gather_tensors(local, ctx.dist_info), gather_tensors(labels, ctx.dist_info)
-
-
 def evaluate_xvnli(model, items: list[XVNLIItem], tokenizer: Tokenizer, res: int, max_tokens: int, source: str,
                    ctx: EvalContext) -> dict[str, float]:
     """``acc`` (%): this rank's share (whole images) predicted, then gathered."""
@@ -261,7 +242,11 @@ def build_task(data: dict, model_cfg: X2VLMConfig, tokenizer: Tokenizer, where: 
         return evaluate_eval_set("xvnli", eval_sets, split, evaluate_file)
 
     def classifier_inputs(model, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return xvnli_classifier_inputs(model, train_items, train_sources, tokenizer, model_cfg.image_res, max_tokens, ctx)
+        def batches(mine):
+            return _eval_inputs(model, train_items, mine, tokenizer, model_cfg.image_res, max_tokens, train_sources.__getitem__, ctx.batch_size)
+
+        return classifier_inputs_by_rank(model, [it.label for it in train_items], batches,
+                                         lambda *inputs: xvnli_features(model, *inputs), ctx, "xvnli")
 
     return FinetuneTask(
         name="xvnli",
