@@ -58,11 +58,13 @@ def main() -> None:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     # every rank done with collectives before any tears its group down (a rank leaving early while
     # the other's gloo threads still talk to it aborted once under load: "terminate called ...")
+    # Both ranks tear the group down together, right after it; rank 0 building its reference model
+    # first left rank 1 closing alone, and it aborted again once (session 12, CI under load).
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     if info.rank == 0:
         # reference: one process, the whole batch; ITM per half with the same draws (ITM is local)
         ref = make_model()
-        torch.distributed.destroy_process_group()
         vision, vmask = ref.encode_images(batch.images)
         text = ref.encode_text(batch.text_ids, batch.text_mask)
         vfeat, tfeat = ref.vision_features(vision), ref.text_features(text)
@@ -81,8 +83,6 @@ def main() -> None:
         missing = [n for n, p in ref.named_parameters() if (p.grad is None) != (n not in grads)]
         with open(sys.argv[1], "w") as fh:
             json.dump({"dist_losses": dist_losses, "ref_losses": ref_losses, "max_grad_diff": worst, "grad_presence_mismatch": missing}, fh)
-    else:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
