@@ -18,6 +18,7 @@ import torch
 
 from x2vlm import X2VLM, preset
 from x2vlm.train.metrics import measure_matmul_peak, source_commit, time_runs
+from x2vlm.train.host_memory import reuse_freed_memory
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--force-bf16", action="store_true")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = preset(args.preset)

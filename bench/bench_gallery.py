@@ -61,6 +61,7 @@ from x2vlm import inference  # noqa: E402
 from x2vlm.inference import GalleryIndex  # noqa: E402
 from x2vlm.train.metrics import source_commit  # noqa: E402
 from x2vlm.train.pretrain import cpu_has_bf16_matmul  # noqa: E402
+from x2vlm.train.host_memory import reuse_freed_memory  # noqa: E402
 
 logger = logging.getLogger("bench_gallery")
 
@@ -252,6 +253,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", help="keep the world, models and indexes here (default: a temporary directory)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not 5 <= args.queries <= len(QUERIES) - 1:
         parser.error(f"--queries must be from 5 to {len(QUERIES) - 1}")

@@ -24,6 +24,7 @@ from x2vlm import X2VLM, preset
 from x2vlm.generation import CaptionSettings, beam_search, greedy_caption, rank_answers
 from x2vlm.train.metrics import source_commit
 from x2vlm.train.pretrain import cpu_has_bf16_matmul
+from x2vlm.train.host_memory import reuse_freed_memory
 
 
 def synthetic_answer_list(cfg, num_answers: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     commit = source_commit()

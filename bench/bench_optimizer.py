@@ -14,6 +14,7 @@ import torch
 from x2vlm import X2VLM, preset
 from x2vlm.train.metrics import Spread, source_commit
 from x2vlm.train.optim import OptimizerConfig, parameter_groups
+from x2vlm.train.host_memory import reuse_freed_memory
 
 
 def step_times(model: torch.nn.Module, fused: bool, repeats: int) -> list[float]:
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--presets", default="x2vlm-small,x2vlm-base")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     print(f"AdamW step: commit {source_commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median (min-max) of {args.repeats}")
     for name in args.presets.split(","):

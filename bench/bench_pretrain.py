@@ -22,6 +22,7 @@ from x2vlm import X2VLM, preset
 from x2vlm.train.metrics import Spread, count_step_flops, measure_matmul_peak, source_commit, time_runs
 from x2vlm.train.optim import OptimizerConfig, build_optimizer
 from x2vlm.train.pretrain import aligning_losses
+from x2vlm.train.host_memory import reuse_freed_memory
 
 
 def synthetic_batch(cfg, batch: int, text_len: int, masks: int) -> SimpleNamespace:
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--force-bf16", action="store_true")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     device = torch.device("cpu")
     commit = source_commit()
     peaks = {p: measure_matmul_peak(device, p, size=1024) for p in args.precisions.split(",")}

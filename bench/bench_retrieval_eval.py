@@ -36,6 +36,7 @@ from x2vlm.tasks.retrieval import (
     ranking_metrics,
     two_stage_retrieval,
 )
+from x2vlm.train.host_memory import reuse_freed_memory
 
 
 @torch.no_grad()
@@ -86,6 +87,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does (x2vlm.train.host_memory)
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

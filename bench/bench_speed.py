@@ -61,6 +61,7 @@ from x2vlm.train.metrics import (  # noqa: E402
     source_commit,
     time_runs,
 )
+from x2vlm.train.host_memory import reuse_freed_memory  # noqa: E402
 from x2vlm.train.optim import OptimizerConfig, StepInBackward, build_optimizer  # noqa: E402
 
 retrieval.tqdm = lambda iterable, **kwargs: iterable  # no progress bars between the table's lines
@@ -282,11 +283,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown workload(s)/precision(s) {sorted(unknown)}")
     torch.set_num_threads(args.threads)
+    allocator = "freed memory kept for reuse" if reuse_freed_memory() else "the C allocator's defaults"
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
 
     commit = source_commit()  # once: a commit made while the benchmark runs does not change what it measured
     print(f"x2vlm speed benchmark (issue 10): commit {commit}, torch {torch.__version__}, {args.threads} threads, "
-          f"{cpu_name()} ({os.cpu_count()} CPUs), {repeats} timed runs per figure{' (--quick)' if args.quick else ''}", flush=True)
+          f"{cpu_name()} ({os.cpu_count()} CPUs), {repeats} timed runs per figure{' (--quick)' if args.quick else ''}, {allocator}", flush=True)
     peaks, matmul = {}, {}
     for precision in precisions:
         rates = Spread.of(matmul_rates("cpu", precision, MATMUL_SIZE, max(repeats, 5)))

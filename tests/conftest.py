@@ -6,6 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from x2vlm.train.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # as the command line does: the suite's training steps reuse freed memory
+
 PARITY = Path(__file__).parent / "data" / "parity"
 TINY_VOCAB = str(PARITY / "tiny_vocab.txt")  # the tiny model's WordPiece vocabulary
 

@@ -2,7 +2,11 @@
 softmax, probabilities @ values): outputs and gradients, fp32, with padding masks and relative
 position bias; dropout still applies in training; the CPU dropout's masks (drawn from 15-bit
 integers) drop the right fraction everywhere and stay unbiased; the FLOP counter sees the fused CPU
-kernel. No timing here (bench/bench_speed.py measures)."""
+kernel; the command line keeps freed memory for reuse. No timing here (bench/bench_speed.py measures)."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from x2vlm.models.layers import (
     dropout,
     padding_bias,
 )
+from x2vlm.train import host_memory
 from x2vlm.train.metrics import Spread, count_step_flops, source_commit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -392,3 +397,36 @@ def test_cpu_dropout_follows_the_default_generator_and_mode():
     torch.manual_seed(3)
     torch.testing.assert_close(module(x), first)
     assert module.eval()(x) is x
+
+
+
+FAULTS_OF_REPEATED_ALLOCATIONS = """
+import resource, sys, torch
+from x2vlm.cli import main
+print(main(["pretrain", "--config", sys.argv[1]]))  # fails at once (no such file), after the allocator's policy
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):  # 64 MiB: above glibc's largest mmap threshold (32 MiB); the heap settles
+    torch.ones(16 * 2**20).sum()
+before = faults()
+for _ in range(5):
+    torch.ones(16 * 2**20).sum()
+print((faults() - before) // 5)
+"""
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's allocator only")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_command_line_reuses_freed_memory_without_page_faults(opt_out, tmp_path):
+    """Under the command line (``host_memory.reuse_freed_memory``) a 64 MiB tensor allocated again
+    after being freed takes no page faults; with the opt-out (glibc's defaults: every such tensor is
+    a new mapping) it takes about one per 4 KiB page."""
+    env = {**os.environ, host_memory.OPT_OUT: "1" if opt_out else "0"}
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_ALLOCATIONS, str(tmp_path / "missing.yaml")],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "2"  # the CLI's error exit: the config file does not exist
+    faults, pages = int(out[1]), 64 * 2**20 // 4096
+    if opt_out:
+        assert faults > pages // 2
+    else:
+        assert faults < pages // 100

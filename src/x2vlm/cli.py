@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from x2vlm.train.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # every step reuses its memory instead of faulting it in again (host_memory says why)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:

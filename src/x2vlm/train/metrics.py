@@ -5,9 +5,7 @@ source commit)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import gc
 import json
 import logging
 import platform
@@ -19,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from x2vlm.train.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,6 @@ class Spread:
     @classmethod
     def of(cls, values: list[float]) -> "Spread":
         return cls(statistics.median(values), min(values), max(values), len(values))
-
-
-def release_free_memory() -> None:
-    """Hand the C allocator's free heap memory back to the system (glibc ``malloc_trim``; nothing
-    elsewhere): memory freed by earlier work otherwise stays resident and counts in the next peak."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:
