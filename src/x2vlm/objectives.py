@@ -147,12 +147,17 @@ def matching_logits(
     text_neg: torch.Tensor,
 ) -> torch.Tensor:
     """ITM logits (3B, 2) for positives, (negative image, text) and (image, negative text), in that
-    order, in one fusion pass; every image keeps its own mask (a region its box mask)."""
-    vision = torch.cat([vision_embeds, take_rows(vision_embeds, image_neg), vision_embeds])
-    vision_masks = torch.cat([vision_mask, take_rows(vision_mask, image_neg), vision_mask])
+    order, in one fusion pass; every image keeps its own mask (a region its box mask).
+
+    Each image's cross-attention keys/values are projected once and gathered for its three rows, and
+    the last fusion layer computes only the CLS state the head reads: the same logits and gradients
+    as fusing the concatenated inputs (the official way), with a third of the key/value projections."""
+    own = torch.arange(vision_embeds.shape[0], device=vision_embeds.device)
+    rows = torch.cat([own, image_neg.to(own.device), own])
     text = torch.cat([text_states, text_states, take_rows(text_states, text_neg)])
     text_masks = torch.cat([text_mask, text_mask, take_rows(text_mask, text_neg)])
-    return model.itm_logits(model.fuse(text, text_masks, vision, vision_masks))
+    fused_cls = model.fuse(text, text_masks, vision_embeds, take_rows(vision_mask, rows), vision_rows=rows, cls_only=True)
+    return model.itm_logits(fused_cls)
 
 
 def matching_loss(logits: torch.Tensor) -> torch.Tensor:

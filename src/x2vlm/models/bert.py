@@ -116,14 +116,19 @@ class MultiHeadAttention(nn.Module):
         kv_input: torch.Tensor | None,
         bias: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``kv``: keys and values from ``project_kv`` computed beforehand (``kv_input`` is then unused)."""
+        """``kv``: keys and values from ``project_kv`` computed beforehand (``kv_input`` is then unused).
+        ``kv_rows``: row ``b`` of ``hidden`` attends to input ``kv_rows[b]`` (keys/values projected once
+        per input, then gathered)."""
         batch, length, width = hidden.shape
         q = self._heads(self.self.query(hidden))
-        if kv is None and length == 1 < kv_input.shape[1] and not self.training:
+        if kv is None and kv_rows is None and length == 1 < kv_input.shape[1] and not self.training:
             out = self._one_query_attention(q, kv_input, bias)
         else:
             k, v = kv if kv is not None else self.project_kv(kv_input)
+            if kv_rows is not None:
+                k, v = take_rows(k, kv_rows), take_rows(v, kv_rows)
             out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
         return self.output(out.transpose(1, 2).reshape(batch, length, width), hidden)
 
@@ -178,6 +183,7 @@ class TextLayer(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         first_only: bool = False,
         self_attended: bool = False,
+        vision_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # ``history``: this layer's inputs at earlier positions (incremental decoding); keys and
         # values are computed over history + current tokens. ``cross_kv``: this layer's
@@ -185,12 +191,13 @@ class TextLayer(nn.Module):
         # ``first_only``: only position 0's output is computed (keys/values still cover every
         # position): all an ITM / classification head reads of the last layer.
         # ``self_attended``: ``hidden`` is already this layer's self-attention output
-        # (``self_attend``), e.g. computed once per text for many images.
+        # (``self_attend``), e.g. computed once per text for many images. ``vision_rows``: row b
+        # cross-attends to ``vision_states[vision_rows[b]]``.
         if not self_attended:
             hidden = self.self_attend(hidden, self_bias, history, first_only)
         elif first_only:
             hidden = hidden[:, :1]
-        return self.cross_and_feed_forward(hidden, vision_states, cross_bias, cross_kv)
+        return self.cross_and_feed_forward(hidden, vision_states, cross_bias, cross_kv, vision_rows)
 
     def self_attend(self, hidden: torch.Tensor, self_bias: torch.Tensor | None, history: torch.Tensor | None = None,
                     first_only: bool = False) -> torch.Tensor:
@@ -203,10 +210,11 @@ class TextLayer(nn.Module):
         return self.attention(hidden, kv_input, self_bias)
 
     def cross_and_feed_forward(self, hidden: torch.Tensor, vision_states: torch.Tensor | None, cross_bias: torch.Tensor | None,
-                               cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                               cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                               vision_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-attention (when the layer has it and vision is given) and the feed-forward sub-block."""
         if self.crossattention is not None and (vision_states is not None or cross_kv is not None):
-            hidden = self.crossattention(hidden, vision_states, cross_bias, kv=cross_kv)
+            hidden = self.crossattention(hidden, vision_states, cross_bias, kv=cross_kv, kv_rows=vision_rows)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -311,6 +319,7 @@ class TextTransformer(nn.Module):
         cross_kv: CrossKV | None = None,
         first_only: bool = False,
         self_attended: bool = False,
+        vision_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Layers ``[start, end)``: the last states, and (if asked, or with ``history``) the input of
         the first layer followed by every layer's output; otherwise an empty list.
@@ -324,6 +333,8 @@ class TextTransformer(nn.Module):
         ``mask`` must be the (B, L_current, L_history + L_current) 0/1 matrix. With ``cross_kv``
         (from ``cross_kv`` over the same range) the cross-attention uses those keys/values instead of
         projecting ``vision_states``; ``vision_mask`` (one row per text row) still applies.
+        ``vision_rows`` (one index per text row): row ``b`` cross-attends to ``vision_states[vision_rows[b]]``,
+        each layer projecting every vision input's keys/values once (training ITM: three rows per image).
         """
         if cross_kv is not None and vision_states is not None:
             raise ValueError("run_layers: give vision_states or cross_kv, not both")
@@ -331,7 +342,8 @@ class TextTransformer(nn.Module):
         cross_bias = None
         if vision_states is not None or cross_kv is not None:
             if vision_mask is None:
-                shape = vision_states.shape[:2] if cross_kv is None else (cross_kv.batch_size, cross_kv.num_tokens)
+                shape = (cross_kv.batch_size, cross_kv.num_tokens) if cross_kv is not None else (
+                    (len(vision_rows), vision_states.shape[1]) if vision_rows is not None else vision_states.shape[:2])
                 vision_mask = torch.ones(shape, dtype=torch.long, device=hidden.device)
             cross_bias = padding_bias(vision_mask, CROSS_ATTENTION_MASK_VALUE)
         keep = output_hidden_states or history is not None
@@ -346,7 +358,8 @@ class TextTransformer(nn.Module):
             if cross_kv is not None and layer.crossattention is not None:
                 layer_kv = cross_kv.layer(cross_index)
                 cross_index += 1
-            flags = dict(first_only=first_only and start + offset == end - 1, self_attended=self_attended and offset == 0)
+            flags = dict(first_only=first_only and start + offset == end - 1, self_attended=self_attended and offset == 0,
+                         vision_rows=vision_rows)
             if recompute:  # keep only the layer's inputs; its activations are recomputed in backward
                 hidden = checkpoint(layer, hidden, self_bias, vision_states, cross_bias, past, layer_kv, use_reentrant=False, **flags)
             else:

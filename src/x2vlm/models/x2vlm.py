@@ -248,6 +248,7 @@ class X2VLM(nn.Module):
         cross_kv: CrossKV | None = None,
         cls_only: bool = False,
         self_attended: bool = False,
+        vision_rows: torch.Tensor | None = None,
     ):
         """Fusion layers: text states cross-attend to vision tokens (restricted by ``vision_mask``).
 
@@ -258,13 +259,15 @@ class X2VLM(nn.Module):
         Re-ranking shortcuts (the same values, less work): ``cls_only`` computes only the CLS state
         of the last layer (returns (B, 1, H)); ``self_attended``: ``text_states`` come from
         ``fusion_self_attention`` (the first fusion layer's self-attention does not depend on the
-        image, so it can be computed once per text)."""
+        image, so it can be computed once per text). ``vision_rows``: text row ``b`` attends to
+        ``vision_embeds[vision_rows[b]]`` (each input's keys/values projected once per layer; training
+        ITM, where every image meets three texts)."""
         if vision_embeds is not None and cross_kv is not None:
             raise ValueError("fuse: give vision_embeds or cross_kv, not both")
         enc, start, end = self._fusion_layers()
         states, per_layer = enc.run_layers(
             text_states, text_mask, start, end, vision_embeds, vision_mask, output_hidden_states=output_hidden_states,
-            cross_kv=cross_kv, first_only=cls_only, self_attended=self_attended,
+            cross_kv=cross_kv, first_only=cls_only, self_attended=self_attended, vision_rows=vision_rows,
         )
         return (states, per_layer) if output_hidden_states else states
 
