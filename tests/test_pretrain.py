@@ -1,6 +1,7 @@
 """Pre-training loop: configs, DDP equivalence, exact resume after SIGKILL, safe checkpoints, guards."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -399,3 +400,34 @@ def test_rows_are_gathered_with_a_deterministic_backward(tmp_path, data_dir, mon
     monkeypatch.setattr(P, "step_losses", recording)
     P.run_pretraining(P.build_pretrain_config(run_config(data_dir, tmp_path / "run", steps=1, precision="fp32"), "test"))
     assert counts == [0]
+
+
+def test_held_out_losses_on_fixed_batches_leave_training_unchanged(tmp_path, data_dir):
+    """``eval_every``: every grain's losses on the first ``eval_batches`` batches of its source's
+    ``val_paths``, at step 0, every ``eval_every`` steps and at the end (``val_loss_*`` rows; a
+    source without held-out files is left out); the evaluation draws nothing from the training's
+    random streams, so the training losses are bit-identical to a run without it; asking for it
+    without held-out data is a config error."""
+    held_out = {name: {**section, "val_paths": section["paths"]}
+                for name, section in run_config(data_dir, tmp_path).items() if name in ("images", "regions", "videos")}
+    plain_dir, eval_dir = tmp_path / "plain", tmp_path / "eval"
+    P.run_pretraining(P.load_pretrain_config(write_config(tmp_path / "plain.yaml", run_config(data_dir, plain_dir, steps=5))))
+    P.run_pretraining(P.load_pretrain_config(write_config(
+        tmp_path / "eval.yaml", run_config(data_dir, eval_dir, steps=5, eval_every=2, eval_batches=2, **held_out))))
+
+    def records(out_dir):
+        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def training(out_dir):  # the logged training records without the timings
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "step_time_s", "mfu")} for r in records(out_dir) if "loss" in r]
+
+    assert training(eval_dir) == training(plain_dir)
+    held = [r for r in records(eval_dir) if "loss" not in r]
+    assert [r["step"] for r in held] == [0, 2, 4, 5]
+    expected = {f"val_loss_{grain}_{objective}" for grain in ("image", "region", "video") for objective in ("itc", "itm", "mlm")}
+    for r in held:
+        assert set(r) == {"step", "val_loss_region_bbox", "val_loss_region_giou"} | expected  # no text_mlm: no val_paths
+        assert all(math.isfinite(v) for v in r.values())
+    assert held[0] != held[-1]  # the model changed, so did its held-out losses
+    with pytest.raises(ValueError, match="needs held-out data: no source has val_paths"):
+        P.load_pretrain_config(write_config(tmp_path / "bad.yaml", run_config(data_dir, tmp_path / "bad", eval_every=2)))

@@ -91,7 +91,9 @@ class SourceConfig:
     ``name`` labels logs and decorrelates the random streams of sources of the same kind.
     ``boxes_only`` (region_text): the grain trains only multi-grained localization (box L1 + GIoU of
     each region text on its full image), not region ITC / ITM / MLM. ``mlm: false`` (image, region
-    and video text): the grain trains ITC and ITM but no masked language modelling.
+    and video text): the grain trains ITC and ITM but no masked language modelling. ``val_paths``:
+    held-out files of the same format, read the same way, for the run's held-out losses
+    (``eval_every`` in the pre-training config).
     """
 
     kind: str
@@ -125,6 +127,7 @@ class SourceConfig:
     name: str | None = None
     boxes_only: bool = False
     mlm: bool = True
+    val_paths: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -132,6 +135,9 @@ class SourceConfig:
         if isinstance(self.paths, (str, os.PathLike)):
             self.paths = [p.strip() for p in os.fspath(self.paths).split(",") if p.strip()]
         self.paths = [os.fspath(p) for p in self.paths]
+        if isinstance(self.val_paths, (str, os.PathLike)):
+            self.val_paths = [p.strip() for p in os.fspath(self.val_paths).split(",") if p.strip()]
+        self.val_paths = [os.fspath(p) for p in self.val_paths]
         if not self.paths:
             raise ValueError("source field 'paths': no data path given")
         default_image_key, default_caption_key = DEFAULT_KEYS[self.kind]

@@ -30,7 +30,7 @@ from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
 from x2vlm.models.x2vlm import X2VLM, check_towers
 from x2vlm.tokenizer import load_tokenizer
-from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, world_size
 from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
 from x2vlm.train.optim import (
     OptimizerConfig,
@@ -100,6 +100,13 @@ class PretrainConfig:
     memoize_frozen: bool = True
     parallel: str = "ddp"  # ddp | fsdp
     tensorboard: bool = True
+    # Held-out losses (as nanoGPT's estimate_loss): at the start of a fresh run, every ``eval_every``
+    # steps and at the end, every loss on the first ``eval_batches`` batches of each source's
+    # ``val_paths`` (held-out files; the sources without them are left out), in eval mode (no
+    # dropout) with fixed ITM negatives. Fixed batches, so the figures compare across steps, stages
+    # and runs, where a logged training loss is one batch's. To metrics.jsonl as ``val_loss_*``. 0: off.
+    eval_every: int = 0
+    eval_batches: int = 4
 
     @property
     def sources(self) -> dict[str, SourceConfig]:
@@ -131,6 +138,10 @@ def build_pretrain_config(data: Any, where: str) -> PretrainConfig:
         raise ValueError(f"{where}: freeze is supported with parallel: ddp, not {cfg.parallel}")
     if cfg.itm_negatives not in ("hard", "random"):
         raise ValueError(f"{where}: itm_negatives must be 'hard' or 'random', not {cfg.itm_negatives!r}")
+    if cfg.eval_every < 0 or cfg.eval_batches < 1:
+        raise ValueError(f"{where}: eval_every must be >= 0 and eval_batches >= 1 (got {cfg.eval_every}, {cfg.eval_batches})")
+    if cfg.eval_every and not any(source.val_paths for source in cfg.sources.values()):
+        raise ValueError(f"{where}: eval_every {cfg.eval_every} needs held-out data: no source has val_paths")
     return cfg
 
 
@@ -384,6 +395,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         for name, source in cfg.sources.items()
     }
     streams = {name: iter(loader) for name, loader in loaders.items()}
+    held_out = held_out_batches(cfg, model.cfg, tokenizer, dist_info) if cfg.eval_every else {}
     autocast, precision = _autocast(cfg.precision, dist_info.device)
     peak = measure_matmul_peak(dist_info.device, precision)
     metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
@@ -396,6 +408,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
         set_rng_state(rng)  # last, so that nothing above draws from the restored streams
     # (a text tower frozen for the whole run by ``freeze`` stays so: text_tower_frozen_steps does not apply)
     frozen = text_tower_parameters(model) if cfg.text_tower_frozen_steps and "text" not in cfg.freeze else []
+    if held_out and start_step == 0:
+        write_held_out_losses(metrics, 0, held_out_losses(objective, held_out, autocast, cfg.seed, dist_info.device))
     window_start, window_steps = time.perf_counter(), 0
     for step in progress:
         with torch.no_grad():
@@ -457,6 +471,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
             log.info("step %d loss %.4f (%s) lr %.2e %.1f samples/s MFU %.1f%%", done, total,
                      " ".join(f"{k} {v:.3f}" for k, v in totals.items()), last["lr"], last["samples_per_s"], 100 * last["mfu"])
             window_start, window_steps = time.perf_counter(), 0
+        if held_out and (done % cfg.eval_every == 0 or done == cfg.steps):
+            write_held_out_losses(metrics, done, held_out_losses(objective, held_out, autocast, cfg.seed, dist_info.device))
+            window_start = time.perf_counter()  # the throughput figures leave the evaluation out
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             train_state = {
                 "optimizer": optimizer.state_dict(),
@@ -467,6 +484,47 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     metrics.close()
     cleanup()
     return last
+
+
+def held_out_batches(cfg: PretrainConfig, model_cfg, tokenizer, dist_info: DistInfo) -> dict[str, list]:
+    """The first ``cfg.eval_batches`` batches of each source's ``val_paths`` (this rank's share, as
+    the training data is split), read once and kept."""
+    batches = {}
+    for name, source in cfg.sources.items():
+        if source.val_paths:
+            loader = PretrainLoader(dataclasses.replace(source, paths=source.val_paths), model_cfg, tokenizer,
+                                    dist_info.rank, dist_info.world_size, cfg.seed)
+            stream = iter(loader)
+            batches[name] = [next(stream).to(dist_info.device) for _ in range(cfg.eval_batches)]
+            log.info("held-out %s: %d batches from %s", name, cfg.eval_batches, ", ".join(source.val_paths))
+    return batches
+
+
+@torch.no_grad()
+def held_out_losses(objective: torch.nn.Module, batches: dict[str, list], autocast, seed: int,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every loss averaged over the held-out batches (and ranks), in eval mode; batch ``k``'s ITM
+    negatives come from a generator seeded ``seed + k``, so the same model always scores the same.
+    Draws nothing from the global random streams (a resumed run stays exact)."""
+    count = len(next(iter(batches.values())))
+    sums: dict[str, float] = {}
+    objective.eval()
+    try:
+        for k in range(count):
+            with autocast:
+                _, losses = objective({name: b[k] for name, b in batches.items()}, torch.Generator().manual_seed(seed + k), True)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value) / count
+    finally:
+        objective.train()
+    names = sorted(sums)
+    mean = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device)) / world_size()
+    return dict(zip(names, mean.tolist()))
+
+
+def write_held_out_losses(metrics: MetricsWriter, step: int, losses: dict[str, float]) -> None:
+    metrics.write({"step": step, **{f"val_loss_{k}": v for k, v in losses.items()}})
+    log.info("step %d held-out losses: %s", step, " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
 
 def text_tower_parameters(model: X2VLM) -> list[torch.nn.Parameter]:

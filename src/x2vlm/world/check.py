@@ -477,18 +477,22 @@ class WorldChecker:
                 yield where, parse(data, where, **keys)
 
     def check_pretraining(self) -> None:
+        for name, split in (("pretrain", "train"), ("pretrain_val", "val")):
+            self.check_pretraining_files(name, split)
+
+    def check_pretraining_files(self, name: str, split: str) -> None:
         margin = self.world["relation_margin_px"]
-        keys = self.manifest["keys"]["pretrain_image_text"]
-        for where, item in self.shard_records("pretrain_image_text", readers.parse_image_text,
+        keys = self.manifest["keys"][f"{name}_image_text"]
+        for where, item in self.shard_records(f"{name}_image_text", readers.parse_image_text,
                                               image_key=keys["image_key"], caption_key=keys["caption_key"]):
-            scene = self.scene_for(item.image, where, ("train",))
+            scene = self.scene_for(item.image, where, (split,))
             if scene is not None:
                 for caption in item.captions:
                     self.verify_caption(scene, caption, "en", where)
-        keys = self.manifest["keys"]["pretrain_region_text"]
-        for where, item in self.shard_records("pretrain_region_text", readers.parse_region_text,
+        keys = self.manifest["keys"][f"{name}_region_text"]
+        for where, item in self.shard_records(f"{name}_region_text", readers.parse_region_text,
                                               image_key=keys["image_key"]):
-            scene = self.scene_for(item.image, where, ("train",))
+            scene = self.scene_for(item.image, where, (split,))
             if scene is None:
                 continue
             for caption in item.captions or []:
@@ -807,17 +811,18 @@ class WorldChecker:
                         self.verify_clip_caption(clip, caption)
                     except (ParseError, Mismatch) as error:
                         self.report(where, f"{caption!r}: {error}")
-        keys = self.manifest["keys"]["pretrain_video_text"]
-        for where, item in self.shard_records("pretrain_video_text", readers.parse_video_text,
-                                              video_key=keys["video_key"], text_key=keys["text_key"]):
-            clip = self.clip_for(str(item.video).rsplit(".", 1)[0], where, "train")
-            if clip is None:
-                continue
-            for caption in item.texts:
-                try:
-                    self.verify_clip_caption(clip, caption)
-                except (ParseError, Mismatch) as error:
-                    self.report(where, f"{caption!r}: {error}")
+        for name, split in (("pretrain", "train"), ("pretrain_val", "val")):
+            keys = self.manifest["keys"][f"{name}_video_text"]
+            for where, item in self.shard_records(f"{name}_video_text", readers.parse_video_text,
+                                                  video_key=keys["video_key"], text_key=keys["text_key"]):
+                clip = self.clip_for(str(item.video).rsplit(".", 1)[0], where, split)
+                if clip is None:
+                    continue
+                for caption in item.texts:
+                    try:
+                        self.verify_clip_caption(clip, caption)
+                    except (ParseError, Mismatch) as error:
+                        self.report(where, f"{caption!r}: {error}")
         ans2label = readers.read_ans2label(self.path("video_qa_ans2label"))
         for split in self.splits:
             role = f"video_qa_{split}"

@@ -8,7 +8,8 @@ root ``images/``, video paths to the video root ``videos/``)::
     world/scenes_{split}.json, world/clips_{split}.json   ground truth
     images/{split}/world_{split}_{image_id:06d}.jpg
     videos/video{N}.mp4
-    pretrain/{image_text,region_text,video_text}/part-{k:05d}.jsonl
+    pretrain/{image_text,region_text,video_text}/part-{k:05d}.jsonl   (train scenes and clips)
+    pretrain_val/{image_text,region_text,video_text}/part-00000.jsonl (val: held-out pre-training losses)
     karpathy/coco_karpathy_{split}.json, karpathy/coco_karpathy_{split}_gt.json
     vqa/vqa_{split}.json, vqa/answer_list.json,
     vqa/v2_OpenEnded_world_{split}_questions.json, vqa/v2_world_{split}_annotations.json
@@ -65,7 +66,7 @@ VIDEO_ROOT = "videos"
 VQA_IMAGE_TEMPLATE = "{data_subtype}/world_{data_subtype}_{image_id:06d}.jpg"
 REFER_SPLITS: dict[str, str] = {"train": "train", "val": "val", "test": "testA", "test_novel": "testB"}
 OWNED_ENTRIES: tuple[str, ...] = (
-    "manifest.json", "world", "images", "videos", "pretrain", "karpathy", "vqa", "nlvr2",
+    "manifest.json", "world", "images", "videos", "pretrain", "pretrain_val", "karpathy", "vqa", "nlvr2",
     "refcoco+", "msrvtt", "multilingual",
 )
 
@@ -173,7 +174,9 @@ def write_images(root: Path, scenes: dict[str, list[Scene]]) -> None:
 
 
 def write_pretraining(root: Path, manifest: Manifest, scenes: list[Scene], captions: dict,
-                      regions: dict, shards: int) -> None:
+                      regions: dict, shards: int, name: str = "pretrain") -> None:
+    """Image-text and region-text pre-training files of ``scenes`` under ``name/`` (manifest roles
+    ``{name}_image_text`` / ``{name}_region_text``)."""
     image_text = [[] for _ in range(shards)]
     region_text = [[] for _ in range(shards)]
     for position, scene in enumerate(scenes):
@@ -183,9 +186,9 @@ def write_pretraining(root: Path, manifest: Manifest, scenes: list[Scene], capti
             "image": scene.file_name, "caption": english, "elems": regions[scene.image_id],
         })
     for role, folder, parts, keys in (
-        ("pretrain_image_text", "pretrain/image_text", image_text,
+        (f"{name}_image_text", f"{name}/image_text", image_text,
          {"image_key": "image", "caption_key": "caption", "is_image_rpath": True}),
-        ("pretrain_region_text", "pretrain/region_text", region_text,
+        (f"{name}_region_text", f"{name}/region_text", region_text,
          {"image_key": "image", "caption_key": "caption", "is_image_rpath": True}),
     ):
         paths = []
@@ -438,18 +441,19 @@ def write_video_datasets(root: Path, manifest: Manifest, clips: dict[str, list[C
                          per_clip: int, shards: int) -> None:
     captions = {c.video_id: clip_captions(c, stream_rng(seed, "clip_captions", int(c.video_id[5:])))
                 for split in vocab.IMAGE_SPLITS for c in clips[split]}
-    pretrain = [[] for _ in range(shards)]
-    for position, clip in enumerate(clips["train"]):
-        pretrain[position % shards].append({"video_id": clip.video_id, "video": clip.file_name,
-                                            "text": captions[clip.video_id]})
-    paths = []
-    for k, records in enumerate(pretrain):
-        path = f"pretrain/video_text/part-{k:05d}.jsonl"
-        write_json_lines(root / path, records)
-        paths.append(path)
-    manifest.add("pretrain_video_text", "pretrain/video_text", len(clips["train"]),
-                 {"video_key": "video", "text_key": "text"})
-    manifest.shards["pretrain_video_text"] = paths
+    for name, split, parts in (("pretrain", "train", shards), ("pretrain_val", "val", 1)):
+        pretrain = [[] for _ in range(parts)]
+        for position, clip in enumerate(clips[split]):
+            pretrain[position % parts].append({"video_id": clip.video_id, "video": clip.file_name,
+                                               "text": captions[clip.video_id]})
+        paths = []
+        for k, records in enumerate(pretrain):
+            path = f"{name}/video_text/part-{k:05d}.jsonl"
+            write_json_lines(root / path, records)
+            paths.append(path)
+        manifest.add(f"{name}_video_text", f"{name}/video_text", len(clips[split]),
+                     {"video_key": "video", "text_key": "text"})
+        manifest.shards[f"{name}_video_text"] = paths
 
     train_answers: Counter = Counter()
     for split in vocab.IMAGE_SPLITS:
@@ -528,6 +532,7 @@ def generate(out_dir: str | Path, size: str = "small", seed: int = 0, image_size
                                                       stream_rng(seed, "captions", scene.image_id))
             regions[scene.image_id] = region_elements(index, stream_rng(seed, "regions", scene.image_id))
     write_pretraining(root, manifest, scenes["train"], captions, regions, preset.pretrain_shards)
+    write_pretraining(root, manifest, scenes["val"], captions, regions, 1, name="pretrain_val")
     write_karpathy(root, manifest, scenes, captions)
     write_vqa(root, manifest, scenes, seed, preset.questions_per_image)
     write_nlvr2(root, manifest, scenes, seed, preset.nlvr_pairs)
