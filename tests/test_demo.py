@@ -77,8 +77,13 @@ def test_demo_every_stage_report_resume_and_repeat(tmp_path, monkeypatch):
     assert len(numbers(table)) >= 3 * sum(len(r.cells) for r in ROWS + HELD_OUT_ROWS)
 
     report = (out / "report.md").read_text()
-    for heading in ("## Results", "### Held-out colour-shape pairs", "## Ablation", "## Time per stage", "## Configs used"):
+    for heading in ("## Results", "### Held-out colour-shape pairs", "## Ablation", "### Held-out pre-training losses",
+                    "## Time per stage", "## Configs used"):
         assert heading in report
+    # every pre-training stage's held-out losses, first -> last evaluation (region ITC: stage 2 only)
+    held_out = next(line for line in report.splitlines() if line.startswith("| region itc |"))
+    assert len(re.findall(r"\d+\.\d{3} -> \d+\.\d{3}", held_out)) == 1
+    assert len(re.findall(r"\d+\.\d{3} -> \d+\.\d{3}", next(line for line in report.splitlines() if line.startswith("| image itc |")))) == 4
     for png in ("pretraining_losses.png", "finetuning_losses.png"):
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in report

@@ -142,13 +142,39 @@ def multilingual_rows(stages: dict[str, dict[str, Any]]) -> tuple[list[str], lis
 
 
 # -- loss curves ------------------------------------------------------------------------------------
-def read_losses(run_dir: str | Path) -> list[dict[str, float]]:
-    """The training records (those with a ``loss``) of a run's ``metrics.jsonl``."""
+PRETRAIN_STAGES = ("pretrain_stage1", "pretrain_stage2", "pretrain_stage3", "pretrain_stage2_no_regions")
+HELD_OUT_PREFIX = "val_loss_"
+
+
+def _metrics(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_losses(run_dir: str | Path) -> list[dict[str, float]]:
+    """The training records (those with a ``loss``) of a run's ``metrics.jsonl``."""
+    return [r for r in _metrics(run_dir) if "loss" in r]
+
+
+def held_out_losses_table(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """Each pre-training stage's held-out losses (``eval_every``) at its first and last evaluation."""
+    runs = []
+    for name in PRETRAIN_STAGES:
+        if name in stages:
+            records = [r for r in _metrics(stages[name]["result"]["out_dir"]) if any(k.startswith(HELD_OUT_PREFIX) for k in r)]
+            if records:
+                runs.append((name, records[0], records[-1]))
+    if not runs:
+        return None
+    keys = sorted({k for _, first, last in runs for k in (*first, *last) if k.startswith(HELD_OUT_PREFIX)})
+    head = ["loss"] + [f"{name.replace('pretrain_', '').replace('_', ' ')} (step {first['step']} -> {last['step']})"
+                       for name, first, last in runs]
+    rows = [[key[len(HELD_OUT_PREFIX):].replace("_", " ")]
+            + [f"{first[key]:.3f} -> {last[key]:.3f}" if key in first and key in last else "" for _, first, last in runs]
+            for key in keys]
+    return head, rows
 
 
 def plot_pretraining(stages: dict[str, dict[str, Any]], out_png: Path) -> Path | None:
@@ -157,8 +183,7 @@ def plot_pretraining(stages: dict[str, dict[str, Any]], out_png: Path) -> Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(name, stages[name]["result"]["out_dir"]) for name in ("pretrain_stage1", "pretrain_stage2", "pretrain_stage3", "pretrain_stage2_no_regions")
-            if name in stages]
+    runs = [(name, stages[name]["result"]["out_dir"]) for name in PRETRAIN_STAGES if name in stages]
     if not runs:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
@@ -288,6 +313,12 @@ def write_report(settings, stages: dict[str, dict[str, Any]], tasks: list[dict[s
                        + markdown_table(abl_head, abl) + "\n")
 
     figures = []
+    held_out = held_out_losses_table(stages)
+    if held_out:
+        figures.append("### Held-out pre-training losses\n\nEach pre-training stage's losses on fixed held-out batches of the "
+                       "world's val split (`eval_every`, `eval_batches`, the sources' `val_paths`), in eval mode, at its "
+                       "first and last evaluation (a stage's batch sizes set its chance levels, so compare within a "
+                       "column):\n\n" + markdown_table(*held_out) + "\n")
     pre_png = plot_pretraining(stages, out / "pretraining_losses.png")
     if pre_png:
         figures.append(f"### Pre-training losses\n\n![pre-training losses]({_rel(pre_png, out)})\n")
