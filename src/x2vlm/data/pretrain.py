@@ -75,6 +75,13 @@ DEFAULT_KEYS: dict[str, tuple[str | None, str]] = {
 # --------------------------------------------------------------------------------------------------
 
 
+def _path_list(value: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A list of paths from a list, one path, or a comma-separated string."""
+    if isinstance(value, (str, os.PathLike)):
+        return [p.strip() for p in os.fspath(value).split(",") if p.strip()]
+    return [os.fspath(p) for p in value]
+
+
 @dataclass
 class SourceConfig:
     """One pre-training data source (a ``images:`` / ``regions:`` / ``videos:`` / ``texts:`` block).
@@ -132,12 +139,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"source field 'kind': {self.kind!r} is not one of {list(KINDS)}")
-        if isinstance(self.paths, (str, os.PathLike)):
-            self.paths = [p.strip() for p in os.fspath(self.paths).split(",") if p.strip()]
-        self.paths = [os.fspath(p) for p in self.paths]
-        if isinstance(self.val_paths, (str, os.PathLike)):
-            self.val_paths = [p.strip() for p in os.fspath(self.val_paths).split(",") if p.strip()]
-        self.val_paths = [os.fspath(p) for p in self.val_paths]
+        self.paths, self.val_paths = _path_list(self.paths), _path_list(self.val_paths)
         if not self.paths:
             raise ValueError("source field 'paths': no data path given")
         default_image_key, default_caption_key = DEFAULT_KEYS[self.kind]

@@ -472,8 +472,9 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
                      " ".join(f"{k} {v:.3f}" for k, v in totals.items()), last["lr"], last["samples_per_s"], 100 * last["mfu"])
             window_start, window_steps = time.perf_counter(), 0
         if held_out and (done % cfg.eval_every == 0 or done == cfg.steps):
+            started = time.perf_counter()
             write_held_out_losses(metrics, done, held_out_losses(objective, held_out, autocast, cfg.seed, dist_info.device))
-            window_start = time.perf_counter()  # the throughput figures leave the evaluation out
+            window_start += time.perf_counter() - started  # the throughput figures leave the evaluation out
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             train_state = {
                 "optimizer": optimizer.state_dict(),
