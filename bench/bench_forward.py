@@ -17,6 +17,7 @@ import statistics
 import torch
 
 from x2vlm import X2VLM, preset
+from x2vlm.precision import autocast
 from x2vlm.train.metrics import measure_matmul_peak, source_commit, time_runs
 from x2vlm.train.host_memory import reuse_freed_memory
 
@@ -62,7 +63,7 @@ def main() -> None:
         precisions = ["fp32"]
     print(f"{'precision':10s} {'workload':28s} {'items/s (median)':>17s} {'min':>8s} {'max':>8s}")
     for precision in precisions:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        ctx = autocast(precision, "cpu")
         for name, fn, count in (
             (f"images ({args.image_batch}x{cfg.image_res}px)", vision, args.image_batch),
             (f"texts ({args.text_batch}x{args.text_len} tokens)", text, args.text_batch),

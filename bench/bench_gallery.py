@@ -60,7 +60,7 @@ from x2vlm import X2VLM, preset, save_pretrained  # noqa: E402
 from x2vlm import inference  # noqa: E402
 from x2vlm.inference import GalleryIndex  # noqa: E402
 from x2vlm.train.metrics import source_commit  # noqa: E402
-from x2vlm.train.pretrain import cpu_has_bf16_matmul  # noqa: E402
+from x2vlm.precision import cpu_has_bf16_matmul  # noqa: E402
 from x2vlm.train.host_memory import reuse_freed_memory  # noqa: E402
 
 logger = logging.getLogger("bench_gallery")

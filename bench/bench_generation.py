@@ -23,7 +23,7 @@ import torch
 from x2vlm import X2VLM, preset
 from x2vlm.generation import CaptionSettings, beam_search, greedy_caption, rank_answers
 from x2vlm.train.metrics import source_commit
-from x2vlm.train.pretrain import cpu_has_bf16_matmul
+from x2vlm.precision import autocast, cpu_has_bf16_matmul
 from x2vlm.train.host_memory import reuse_freed_memory
 
 
@@ -110,8 +110,7 @@ def main() -> None:
           f"{args.beams} beams, {args.max_new_tokens} new tokens (min {args.min_length})")
     print(f"{'workload':22s} {'precision':9s} {'batch s':>10s} {'min':>8s} {'max':>8s} {'items/s':>10s}")
     for precision in precisions:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(precision, "cpu"):
             report("vqa rank_answers", precision, time_runs(rank, args.repeats), args.questions, "questions/s")
             report(f"caption beam ({args.beams})", precision, time_runs(beam, args.repeats), args.images, "captions/s")
             report("caption greedy", precision, time_runs(greedy, args.repeats), args.images, "captions/s")

@@ -12,13 +12,13 @@ AVX512-BF16), bf16 workloads are skipped unless --force-bf16 is given.
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from x2vlm import X2VLM, preset
+from x2vlm.precision import autocast
 from x2vlm.train.metrics import Spread, count_step_flops, measure_matmul_peak, source_commit, time_runs
 from x2vlm.train.optim import OptimizerConfig, build_optimizer
 from x2vlm.train.pretrain import aligning_losses
@@ -35,24 +35,16 @@ def synthetic_batch(cfg, batch: int, text_len: int, masks: int) -> SimpleNamespa
                            text_mask=torch.ones_like(ids), masked_ids=masked, masked_pos=pos, masked_targets=ids.gather(1, pos))
 
 
-def precision_context(precision: str, device: str = "cpu"):
-    """The one place a benchmark picks its precision: bf16 autocast, or fp32 as is."""
-    if precision == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"unknown precision {precision!r}; fp32 or bf16")
-    return nullcontext()
-
-
 def pretrain_step(model: X2VLM, optimizer, batch: SimpleNamespace, precision: str,
-                  steps_in_backward: bool = False) -> Callable[[], None]:
+                  steps_in_backward: bool = False, grad_checkpointing: bool = False) -> Callable[[], None]:
     """One W1 step: ITC + ITM (hard negatives) + MLM forward in ``precision``, backward, optimizer step
-    (``steps_in_backward``: the caller has hooked ``optimizer`` into backward with StepInBackward)."""
+    (``steps_in_backward``: the caller has hooked ``optimizer`` into backward with StepInBackward;
+    ``grad_checkpointing``: the caller has turned it on, so autocast keeps no weight casts, as in training)."""
 
     def step() -> None:
         generator = torch.Generator().manual_seed(0)
         model.train()
-        with precision_context(precision):
+        with autocast(precision, "cpu", keep_weight_casts=not grad_checkpointing):
             vision, vmask = model.encode_images(batch.images)
             losses = aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
         sum(losses.values()).backward()
@@ -70,7 +62,7 @@ def pretrain_forward(model: X2VLM, batch: SimpleNamespace, precision: str) -> Ca
     def forward() -> None:
         generator = torch.Generator().manual_seed(0)
         model.eval()
-        with precision_context(precision):
+        with autocast(precision, "cpu"):
             vision, vmask = model.encode_images(batch.images)
             aligning_losses(model, vision, vmask, batch, generator, compute_itm=True)
 

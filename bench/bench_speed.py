@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
-from bench_pretrain import precision_context, pretrain_forward, pretrain_step, synthetic_batch  # noqa: E402
+from bench_pretrain import pretrain_forward, pretrain_step, synthetic_batch  # noqa: E402
 from bench_retrieval_eval import official_loop  # noqa: E402
 
 from x2vlm import X2VLM, preset  # noqa: E402
+from x2vlm.precision import autocast  # noqa: E402
 from x2vlm.tasks import retrieval  # noqa: E402
 from x2vlm.tasks.retrieval import NOT_A_CANDIDATE, RerankSettings, RetrievalScores, TensorVision, two_stage_retrieval  # noqa: E402
 from x2vlm.train.metrics import (  # noqa: E402
@@ -137,7 +138,8 @@ def pretraining_workloads(precisions: list[str], peaks: dict[str, float], repeat
     results = []
     for precision in precisions:
         if "W1" in which:
-            step = pretrain_step(model, optimizer, batch, precision, steps_in_backward=stepper is not None)
+            step = pretrain_step(model, optimizer, batch, precision, steps_in_backward=stepper is not None,
+                                 grad_checkpointing=grad_checkpointing)
             _, flops = count_step_flops(step)  # the warm-up; allocates the AdamW state
             exact = reset_peak_rss()
             r = Result("W1", precision, Spread.of(time_runs(step, repeats, warmup=0)), flops, peaks[precision], OFFICIAL_SECONDS["W1"],
@@ -240,7 +242,7 @@ def retrieval_workload(workload: str, size: RetrievalSize, precisions: list[str]
 
         def run(precision=precision):
             outputs[precision] = two_stage_retrieval(model, TensorVision(pixels), ids, mask, settings,
-                                                     autocast=lambda: precision_context(precision))
+                                                     autocast=lambda: autocast(precision, "cpu"))
 
         r = measure(workload, precision, run, repeats, peaks[precision], OFFICIAL_SECONDS[workload] if official_sizes else None)
         results.append(r)

@@ -431,3 +431,20 @@ def test_held_out_losses_on_fixed_batches_leave_training_unchanged(tmp_path, dat
     assert held[0] != held[-1]  # the model changed, so did its held-out losses
     with pytest.raises(ValueError, match="needs held-out data: no source has val_paths"):
         P.load_pretrain_config(write_config(tmp_path / "bad.yaml", run_config(data_dir, tmp_path / "bad", eval_every=2)))
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_bf16_training_keeps_weight_casts_only_without_checkpointing(tmp_path, data_dir, monkeypatch, grad_checkpointing):
+    """Under activation checkpointing autocast's cache of bf16 weight copies would only hold memory until
+    the end of the forward pass (backward recomputes and casts again), so training turns it off."""
+    from x2vlm.models.x2vlm import X2VLM
+
+    seen = []
+    real = X2VLM.encode_images
+    monkeypatch.setattr(X2VLM, "encode_images", lambda self, *a, **k: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()))
+        or real(self, *a, **k))
+    cfg = run_config(data_dir, tmp_path / "run", steps=1, regions=None, videos=None, texts=None, precision="bf16",
+                     grad_checkpointing=grad_checkpointing)
+    P.run_pretraining(P.build_pretrain_config(cfg, "test"))
+    assert seen and set(seen) == {(True, torch.bfloat16, not grad_checkpointing)}

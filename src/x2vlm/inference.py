@@ -64,7 +64,6 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,7 @@ from x2vlm.data.transforms import EvalTransform, as_rgb
 from x2vlm.data.video import load_image, read_clip, sample_frame_indices
 from x2vlm.generation import CaptionSettings, rank_answers
 from x2vlm.models.x2vlm import X2VLM
+from x2vlm.precision import autocast as precision_autocast
 from x2vlm.tasks import captioning as captioning_task
 from x2vlm.tasks import grounding as grounding_task
 from x2vlm.tasks import nlvr as nlvr_task
@@ -702,7 +702,7 @@ class Model:
                 f"{self.device}, {self.dtype})")
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16" else nullcontext()
+        return precision_autocast(self.dtype, self.device)
 
     def _mismatch(self, method: str, needs: str) -> TaskMismatchError:
         heads = ", ".join(self.cfg.heads)

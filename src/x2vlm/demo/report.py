@@ -241,7 +241,7 @@ def machine_description() -> str:
     import torch
 
     from x2vlm.train.metrics import cpu_name
-    from x2vlm.train.pretrain import cpu_has_bf16_matmul
+    from x2vlm.precision import cpu_has_bf16_matmul
 
     cpu = cpu_name()
     accel = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else (

@@ -19,8 +19,8 @@ import logging
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ from tqdm import tqdm
 from x2vlm.checkpoint import from_pretrained, save_pretrained
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, preset
 from x2vlm.models.x2vlm import X2VLM, check_towers
+from x2vlm.precision import autocast as precision_autocast, resolve_precision
 from x2vlm.tasks.common import EvalContext, FinetuneTask
 from x2vlm.tokenizer import Tokenizer, model_tokenizer
 from x2vlm.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from x2vlm.train.metrics import MetricsWriter, count_step_flops, measure_matmul_peak
 from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
-from x2vlm.train.pretrain import NoSync, initialise, read_run_config, resolve_precision
+from x2vlm.train.pretrain import NoSync, initialise, read_run_config
 from x2vlm.train.state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,6 @@ def _batches(task: FinetuneTask, cfg: FinetuneConfig, epoch: int, start: int, di
 
 
 # -- evaluation -------------------------------------------------------------------------------------
-def _autocast_factory(precision: str, device: torch.device):
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
 def evaluate_splits(model: X2VLM, task: FinetuneTask, splits: list[str], ctx: EvalContext) -> dict[str, dict[str, float]]:
     model.eval()
     results = {}
@@ -267,7 +262,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     eval_every = cfg.eval_every or steps_per_epoch
     ckpt_every = cfg.ckpt_every or eval_every
     precision = resolve_precision(cfg.precision, dist_info.device)
-    ctx = EvalContext(dist_info, cfg.eval_batch_size, out_dir, _autocast_factory(precision, dist_info.device))
+    ctx = EvalContext(dist_info, cfg.eval_batch_size, out_dir, partial(precision_autocast, precision, dist_info.device))
 
     state, history, best = None, [], {"metric": -math.inf, "step": 0}
     resume_dir = Path(resume) if resume else latest_checkpoint(out_dir)
@@ -292,7 +287,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     if dist_info.is_main:
         (out_dir / "run.yaml").write_text(config_text)
     peak = measure_matmul_peak(dist_info.device, precision)
-    autocast = _autocast_factory(precision, dist_info.device)
+    autocast = partial(precision_autocast, precision, dist_info.device, keep_weight_casts=not cfg.grad_checkpointing)
     step_flops: int | None = None
     samples_per_step = cfg.batch_size * cfg.accumulate * dist_info.world_size
     progress = tqdm(total=total_steps, initial=step, desc=f"finetune {cfg.task}", disable=not dist_info.is_main)
@@ -432,7 +427,7 @@ def run_evaluation(cfg: FinetuneConfig, checkpoint: str | Path, out_dir: str | P
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(cfg.precision, dist_info.device)
-    ctx = EvalContext(dist_info, cfg.eval_batch_size, out, _autocast_factory(precision, dist_info.device))
+    ctx = EvalContext(dist_info, cfg.eval_batch_size, out, partial(precision_autocast, precision, dist_info.device))
     results = evaluate_splits(model, task, task.eval_splits, ctx)
     if dist_info.is_main:
         (out / "eval_metrics.json").write_text(json.dumps({"task": cfg.task, "checkpoint": str(checkpoint), "results": results}, indent=2) + "\n")

@@ -29,6 +29,7 @@ from x2vlm import objectives as O
 from x2vlm.config import X2VLMConfig, dataclass_from_mapping, load_yaml, preset
 from x2vlm.data.pretrain import PretrainLoader, SourceConfig
 from x2vlm.models.x2vlm import X2VLM, check_towers
+from x2vlm.precision import autocast as precision_autocast, resolve_precision
 from x2vlm.tokenizer import load_tokenizer
 from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, world_size
 from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
@@ -331,30 +332,6 @@ class PretrainObjective(torch.nn.Module):
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX); without it,
-    bf16 autocast on the CPU is emulated and several times slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a GPU or on a CPU with bf16 matrix units, else fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"config field 'precision': unknown value {precision!r} (auto, fp32, bf16)")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
-    return precision
-
-
-def _autocast(precision: str, device: torch.device):
-    precision = resolve_precision(precision, device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), precision
-
-
 def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, config_text: str | None = None) -> dict[str, float]:
     """Train for ``cfg.steps`` optimizer steps; returns the last logged metrics."""
     dist_info = init_distributed()
@@ -396,7 +373,8 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     }
     streams = {name: iter(loader) for name, loader in loaders.items()}
     held_out = held_out_batches(cfg, model.cfg, tokenizer, dist_info) if cfg.eval_every else {}
-    autocast, precision = _autocast(cfg.precision, dist_info.device)
+    precision = resolve_precision(cfg.precision, dist_info.device)
+    autocast = precision_autocast(precision, dist_info.device, keep_weight_casts=not cfg.grad_checkpointing)
     peak = measure_matmul_peak(dist_info.device, precision)
     metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
     config_text = config_text or config_to_yaml(cfg)
