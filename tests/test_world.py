@@ -179,6 +179,27 @@ def test_videos_are_real_mp4_with_the_listed_frame_count(world, manifest):
 # --- the checker --------------------------------------------------------------------------------
 
 
+def test_an_object_that_cannot_be_placed_is_dropped_with_its_attributes():
+    """A box that does not fit among the others is left out together with its shape, colour and size
+    (before, the later boxes shifted onto the dropped object's attributes: a 32 px box labelled large)."""
+    import numpy as np
+
+    from x2vlm.world.scene import place_boxes, sample_scene
+
+    boxes = place_boxes(np.random.default_rng(0), [48, 96, 32], image_size=96, grid_px=16)
+    assert boxes[1] is None and boxes[0][2:] == (48, 48) and boxes[2][2:] == (32, 32)
+    objects = 0
+    for seed in range(4000):  # 7 scenes of these had a mislabelled box before the fix
+        for split in ("train", vocab.NOVEL_SPLIT):
+            scene = sample_scene(np.random.default_rng(seed), seed, split, "x.jpg", image_size=96, grid_px=16)
+            for obj in scene.objects:
+                objects += 1
+                assert obj.box[2] == obj.box[3] == vocab.object_size_px(obj.size, 96, grid_px=16), (seed, split, obj)
+            if split == vocab.NOVEL_SPLIT:
+                assert any(vocab.is_held_out(o.color, o.shape) for o in scene.objects)
+    assert objects > 8000
+
+
 def test_objects_sit_on_the_patch_aligned_grid(world, manifest, tmp_path):
     definition = json.loads((world / "world" / "world.json").read_text())
     grid = definition["grid_px"]

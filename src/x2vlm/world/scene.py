@@ -273,18 +273,21 @@ def sample_attributes(rng: np.random.Generator, count: int, novel: bool) -> list
 
 
 def place_boxes(rng: np.random.Generator, sides: list[int], image_size: int, grid_px: int = 1,
-                tries_per_object: int = 40) -> list[Box]:
+                tries_per_object: int = 40) -> list[Box | None]:
     """Random positions inside the image on a grid of ``grid_px`` pixel cells, keeping
-    ``occlusion_ok``; objects that cannot be placed are dropped (the first always fits)."""
-    boxes: list[Box] = []
+    ``occlusion_ok``: one box per side, None for an object that could not be placed (the first
+    always fits)."""
+    boxes: list[Box | None] = []
     for side in sides:
+        placed = [box for box in boxes if box is not None]
         for _ in range(tries_per_object):
             x = grid_px * int(rng.integers(0, (image_size - side) // grid_px + 1))
             y = grid_px * int(rng.integers(0, (image_size - side) // grid_px + 1))
-            candidate = boxes + [(x, y, side, side)]
-            if occlusion_ok(candidate):
-                boxes = candidate
+            if occlusion_ok(placed + [(x, y, side, side)]):
+                boxes.append((x, y, side, side))
                 break
+        else:
+            boxes.append(None)
     return boxes
 
 
@@ -299,12 +302,13 @@ def sample_scene(rng: np.random.Generator, image_id: int, split: str, file_name:
         return place_boxes(rng, sides, image_size, grid_px)
 
     boxes = place(triples)
-    if novel and len(boxes) < len(triples):
-        # keep the held-out object: it may be the one that was dropped
+    if novel:
+        # keep the held-out object: if it was dropped, place it first and the others around it
         held = [i for i, (shape, color, _) in enumerate(triples) if vocab.is_held_out(color, shape)]
-        if held and held[0] >= len(boxes):
+        if held and boxes[held[0]] is None:
             triples = [triples[held[0]]] + [t for i, t in enumerate(triples) if i != held[0]]
             boxes = place(triples)
+    placed = [(triple, box) for triple, box in zip(triples, boxes) if box is not None]
     objects = tuple(
         SceneObject(
             id=index,
@@ -315,7 +319,7 @@ def sample_scene(rng: np.random.Generator, image_id: int, split: str, file_name:
             shade=round(float(rng.uniform(0.88, 1.12)), 3),
             gradient_degrees=int(rng.integers(0, 360)),
         )
-        for index, ((shape, color, size), box) in enumerate(zip(triples, boxes))
+        for index, ((shape, color, size), box) in enumerate(placed)
     )
     return Scene(image_id=image_id, split=split, file_name=file_name, image_size=image_size,
                  background=sample_background(rng, image_size), objects=objects)
