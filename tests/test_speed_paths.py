@@ -30,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL, RTOL = 2e-5, 1e-4
 
 
-def explicit_attention(q, k, v, bias=None, dropout_p=0.0, return_probs=False):
-    """``attention`` forced onto its explicit path (what ``return_probs`` selects)."""
-    out, probs = attention(q, k, v, bias, dropout_p=dropout_p, return_probs=True)
+def explicit_attention(q, k, v, bias=None, dropout_p=0.0, return_probs=False, kv_rows=None):
+    """``attention`` forced onto its explicit path (what ``return_probs`` selects; rows' keys/values gathered)."""
+    out, probs = attention(q, k, v, bias, dropout_p=dropout_p, return_probs=True, kv_rows=kv_rows)
     return out, probs if return_probs else None
 
 
@@ -69,6 +69,29 @@ def test_attention_function_paths_agree_with_gradients(bias_kind):
     torch.testing.assert_close(fused_out, explicit_out, atol=ATOL, rtol=RTOL)
     for fused, explicit in zip(fused_grads, explicit_grads):
         torch.testing.assert_close(fused, explicit, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 0, 1, 2, 2], [2, 0, 1, 1, 0, 2]], ids=["sorted", "unsorted"])
+def test_attention_rows_share_keys_and_values_of_their_input(rows):
+    """``kv_rows``: row b attends to input rows[b]. Sorted rows run one long query per input (no copy
+    of keys/values per row), unsorted ones gather; both equal attending to the gathered tensors, with
+    the inputs' own padding masks, in values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.tensor(rows)
+    q = torch.randn(6, 4, 5, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(3, 4, 9, 8, generator=g).requires_grad_() for _ in range(2))
+    mask = torch.ones(3, 9)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    bias = padding_bias(mask[rows], CROSS_ATTENTION_MASK_VALUE)
+    out, probs = attention(q, k, v, bias, kv_rows=rows)
+    assert probs is None
+    reference, _ = attention(q, k[rows], v[rows], bias, return_probs=True)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=RTOL)
+    weights = torch.randn(out.shape, generator=g)
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)),
+                         torch.autograd.grad((reference * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
 def test_cpu_training_attention_keeps_bf16_where_the_fused_kernel_cannot_run(monkeypatch):

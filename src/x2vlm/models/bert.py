@@ -27,7 +27,6 @@ from x2vlm.models.layers import (
     attention,
     linspace,
     padding_bias,
-    take_rows,
 )
 
 
@@ -127,9 +126,7 @@ class MultiHeadAttention(nn.Module):
             out = self._one_query_attention(q, kv_input, bias)
         else:
             k, v = kv if kv is not None else self.project_kv(kv_input)
-            if kv_rows is not None:
-                k, v = take_rows(k, kv_rows), take_rows(v, kv_rows)
-            out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0)
+            out, _ = attention(q, k, v, bias, dropout_p=self.dropout_p if self.training else 0.0, kv_rows=kv_rows)
         return self.output(out.transpose(1, 2).reshape(batch, length, width), hidden)
 
     def _one_query_attention(self, q: torch.Tensor, kv_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -224,8 +221,8 @@ class CrossKV:
 
     They depend only on the vision tokens, so a retrieval re-ranker computes them once per image and
     reuses them for every text paired with it. ``rows`` picks, for each row of a text batch, the
-    vision input it attends to (``None``: row ``b`` uses input ``b``); the gather happens one layer
-    at a time, so only one layer's selection is ever materialised.
+    vision input it attends to (``None``: row ``b`` uses input ``b``); the attention reads each
+    row's keys/values through ``rows`` (``attention(..., kv_rows=...)``), so they are not copied per row.
     """
 
     keys: list[torch.Tensor]  # per fusion layer: (I, heads, N, d)
@@ -250,10 +247,8 @@ class CrossKV:
         return CrossKV(self.keys, self.values, rows if self.rows is None else self.rows[rows])
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key, value = self.keys[index], self.values[index]
-        if self.rows is None:
-            return key, value
-        return take_rows(key, self.rows), take_rows(value, self.rows)
+        """Fusion layer ``index``'s keys and values, one per input (``rows`` maps text rows to them)."""
+        return self.keys[index], self.values[index]
 
 
 class LayerStack(nn.Module):
@@ -338,6 +333,10 @@ class TextTransformer(nn.Module):
         """
         if cross_kv is not None and vision_states is not None:
             raise ValueError("run_layers: give vision_states or cross_kv, not both")
+        if cross_kv is not None:
+            if vision_rows is not None:
+                raise ValueError("run_layers: give vision_rows or a selected cross_kv, not both")
+            vision_rows = cross_kv.rows
         self_bias = self.self_attention_bias(mask)
         cross_bias = None
         if vision_states is not None or cross_kv is not None:
