@@ -313,6 +313,34 @@ def test_flop_counter_counts_fused_attention_like_explicit():
     assert counts[0] == counts[1]
 
 
+def test_flop_count_of_a_checkpointed_step_matches_torch_and_leaves_no_module_hooks(tiny_state):
+    """``count_step_flops`` gives torch's FlopCounterMode total (its formulas, ours for the CPU
+    attention kernel) without its module tracker, whose global hooks kept checkpointed blocks'
+    activations alive during the counted step."""
+    from torch.nn.modules import module as torch_module
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from x2vlm.train.metrics import _EXTRA_FLOP_FORMULAS
+
+    model = build_tiny("retrieval", tiny_state).train()
+    model.set_grad_checkpointing(True)
+    g = torch.Generator().manual_seed(4)
+    images, ids = torch.randn(2, 3, 64, 64, generator=g), torch.randint(104, 512, (2, 7), generator=g)
+    hooks = []
+
+    def step():
+        hooks.append(len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks))
+        vision, vision_mask = model.encode_images(images)
+        text = model.encode_text(ids, torch.ones_like(ids))
+        model.fuse(text, torch.ones_like(ids), vision, vision_mask).sum().backward()
+
+    _, ours = count_step_flops(step)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        step()
+    assert ours == counter.get_total_flops() > 0
+    assert hooks[0] == 0 and hooks[1] > 0  # torch's counter tracks modules with global hooks; ours does not
+
+
 def test_spread_and_source_commit(tmp_path):
     assert Spread.of([3.0, 1.0, 2.0]) == Spread(2.0, 1.0, 3.0, 3)
     git = tmp_path / "repo" / ".git"
