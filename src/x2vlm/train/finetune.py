@@ -37,7 +37,7 @@ from x2vlm.precision import autocast as precision_autocast, resolve_precision
 from x2vlm.tasks.common import EvalContext, FinetuneTask
 from x2vlm.tokenizer import Tokenizer, model_tokenizer
 from x2vlm.train.distributed import DistInfo, barrier, cleanup, init_distributed
-from x2vlm.train.metrics import MetricsWriter, count_step_flops, measure_matmul_peak
+from x2vlm.train.metrics import MetricsWriter, count_step_flops, flops_utilisation, measure_matmul_peak
 from x2vlm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from x2vlm.train.pretrain import NoSync, initialise, read_run_config
 from x2vlm.train.state import latest_checkpoint, load_training_checkpoint, save_training_checkpoint, set_rng_state
@@ -286,7 +286,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
     config_text = config_to_yaml(cfg)
     if dist_info.is_main:
         (out_dir / "run.yaml").write_text(config_text)
-    peak = measure_matmul_peak(dist_info.device, precision)
+    measure_matmul_peak(dist_info.device, precision)  # before training, outside the timed windows
     autocast = partial(precision_autocast, precision, dist_info.device, keep_weight_casts=not cfg.grad_checkpointing)
     step_flops: int | None = None
     samples_per_step = cfg.batch_size * cfg.accumulate * dist_info.world_size
@@ -326,7 +326,7 @@ def run_finetuning(cfg: FinetuneConfig, resume: str | Path | None = None) -> dic
                 step_time = (time.perf_counter() - window_start) / window_steps
                 record = {"step": step, "epoch": epoch, "loss": loss, **{f"loss_{k}": v for k, v in totals.items()},
                           "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_step / step_time,
-                          "mfu": step_flops * cfg.accumulate / step_time / peak if peak and step_flops else 0.0}
+                          "mfu": flops_utilisation(step_flops * cfg.accumulate, step_time, dist_info.device, precision) if step_flops else 0.0}
                 metrics.write(record)
                 progress.set_postfix(loss=f"{loss:.3f}", sps=f"{record['samples_per_s']:.1f}")
                 log.info("%s step %d/%d loss %.4f (%s) lr %.2e %.1f samples/s MFU %.1f%%", cfg.task, step, total_steps, loss,

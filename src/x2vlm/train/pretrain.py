@@ -32,7 +32,7 @@ from x2vlm.models.x2vlm import X2VLM, check_towers
 from x2vlm.precision import autocast as precision_autocast, resolve_precision
 from x2vlm.tokenizer import load_tokenizer
 from x2vlm.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, world_size
-from x2vlm.train.metrics import MetricsWriter, measure_matmul_peak, count_step_flops
+from x2vlm.train.metrics import MetricsWriter, count_step_flops, flops_utilisation, measure_matmul_peak
 from x2vlm.train.optim import (
     OptimizerConfig,
     ScheduleConfig,
@@ -375,7 +375,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
     held_out = held_out_batches(cfg, model.cfg, tokenizer, dist_info) if cfg.eval_every else {}
     precision = resolve_precision(cfg.precision, dist_info.device)
     autocast = precision_autocast(precision, dist_info.device, keep_weight_casts=not cfg.grad_checkpointing)
-    peak = measure_matmul_peak(dist_info.device, precision)
+    measure_matmul_peak(dist_info.device, precision)  # before training, outside the timed windows
     metrics = MetricsWriter(out_dir, enabled=dist_info.is_main, tensorboard=cfg.tensorboard)
     config_text = config_text or config_to_yaml(cfg)
     step_flops: int | None = None
@@ -441,7 +441,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, confi
                 "grad_norm": float(grad_norm),
                 "samples_per_s": samples_per_step / step_time,
                 "step_time_s": step_time,
-                "mfu": (step_flops * cfg.accumulate) / step_time / peak if peak else 0.0,
+                "mfu": flops_utilisation(step_flops * cfg.accumulate, step_time, dist_info.device, precision),
                 "bad_samples": sum(loader.bad_data.bad for loader in loaders.values()),
             }
             metrics.write(last)
