@@ -39,8 +39,9 @@ def autocast(precision: str, device: torch.device | str, *, keep_weight_casts: b
     context exits (torch's cast cache), so that a weight used twice is cast once. Without activation
     checkpointing backward needs those copies anyway (each matmul saves its bf16 operands). With
     checkpointing it does not: backward recomputes each block and casts its weights again, and the
-    cache would hold a bf16 copy of the whole model (0.5 GB for x2vlm-base) at the end of the forward
-    pass, the step's peak. So checkpointed training passes ``keep_weight_casts=False``.
+    cache would hold a bf16 copy of the whole model (0.5 GB for x2vlm-base) until the end of the
+    forward pass (W1's memory there: 4.0 GB without the cache, 4.46 GB with it). So checkpointed
+    training passes ``keep_weight_casts=False``.
     """
     device_type = torch.device(device).type
     if precision == "bf16":

@@ -102,6 +102,9 @@ def count_step_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.total
 
 
+_PEAKS: dict[tuple, float] = {}  # best matmul rate per (device, precision, size, repeats)
+
+
 def measure_matmul_peak(device: torch.device, precision: str, size: int | None = None, repeats: int = 5,
                         again: bool = False) -> float:
     """Achieved FLOP/s of a square matmul in the run's precision: the denominator of MFU. The best of
@@ -113,8 +116,6 @@ def measure_matmul_peak(device: torch.device, precision: str, size: int | None =
         _PEAKS[key] = max(_PEAKS.get(key, 0.0), *matmul_rates(key[0], precision, size, repeats))
     return _PEAKS[key]
 
-
-_PEAKS: dict[tuple, float] = {}
 
 
 def flops_utilisation(flops: float, seconds: float, device: torch.device, precision: str) -> float:
